@@ -1,0 +1,55 @@
+"""The Dask client the pipeline runs on: a LocalCluster by default, any scheduler address for a real cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from distributed import Client, LocalCluster
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    memory_limit: str | float | None = "auto",
+) -> Iterator[Client]:
+    """Yield a distributed ``Client``; a LocalCluster it started is closed on exit.
+
+    ``scheduler`` is an address such as ``tcp://10.0.0.5:8786`` (a ``dask scheduler`` plus ``dask worker``
+    processes on other machines) or a scheduler file path. Otherwise a LocalCluster with one single-threaded worker
+    process per core: counting is Python + pyarrow + scipy, which holds the GIL often enough that processes beat
+    threads. ``processes=False`` keeps workers in this process (needed where forking is unwelcome).
+    """
+    if scheduler:
+        kwargs = {"scheduler_file": scheduler} if os.path.isfile(scheduler) else {"address": scheduler}
+        client = Client(**kwargs, timeout="30s")
+        log.info("connected to Dask scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n_workers = n_workers or os.cpu_count() or 1
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=processes,
+        dashboard_address=":0",  # a free port: never collide with another cluster on this machine
+        memory_limit=memory_limit,
+        silence_logs=logging.CRITICAL,  # task errors reach the client as exceptions; the rest is shutdown noise
+    )
+    client = Client(cluster)
+    log.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

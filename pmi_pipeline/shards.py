@@ -1,0 +1,310 @@
+"""Read and validate annotation shards: Parquet files of (example id, labels).
+
+A shard comes in one of two forms: long (``label``, one row per example-label pair) or list (``labels``,
+list<string>, one row per example). An optional ``confidence`` in [0, 1] marks explicit negatives with 0 (the
+Open Images convention): those rows are dropped. An example's labels are a set, so repeats collapse.
+
+Validation is all-or-nothing per shard: the first problem raises :class:`~pmi_pipeline.errors.ShardError`
+naming the file, the row (0-based, in file order) and the column, and nothing of the shard is used. A shard is
+identified by the SHA-256 of its bytes, so the same content under another name is recognised as already counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pmi_pipeline.errors import ShardError
+
+log = logging.getLogger(__name__)
+
+ID_COLUMN = "example_id"
+LONG_COLUMN = "label"
+LIST_COLUMN = "labels"
+CONFIDENCE_COLUMN = "confidence"
+KNOWN_COLUMNS = frozenset({ID_COLUMN, LONG_COLUMN, LIST_COLUMN, CONFIDENCE_COLUMN})
+#: Longest label accepted, in UTF-8 bytes: longer ones are almost surely a parsing accident upstream.
+MAX_LABEL_BYTES = 1024
+#: Directory of an import directory's training annotations (see docs/architecture.md).
+IMPORT_TRAIN_SUBDIR = Path("annotations") / "train"
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """One validated shard as integer codes: ``(example_codes[i], label_codes[i])`` are distinct pairs.
+
+    ``labels`` is the shard's own vocabulary, sorted, so that a shard's counts do not depend on any other shard.
+    """
+
+    path: Path
+    sha256: str
+    labels: np.ndarray  # (m_local,) str, sorted
+    example_codes: np.ndarray  # (nnz,) int64, in [0, n_examples)
+    label_codes: np.ndarray  # (nnz,) int64, in [0, m_local)
+    n_examples: int
+    n_rows: int  # rows in the file, before dropping negatives and repeats
+
+    @property
+    def n_annotations(self) -> int:
+        return int(self.example_codes.size)
+
+
+def shard_hash(path: str | Path) -> str:
+    """Content hash of a shard file (``sha256:<hex>``): the shard's identity in the store's manifest."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def discover_shards(specs: Iterable[str | Path]) -> list[Path]:
+    """Expand shard specifications into a sorted, de-duplicated list of Parquet files.
+
+    A spec is a Parquet file, a directory (searched recursively for ``*.parquet``), a glob, or a directory written
+    by ``pmi-pipeline import``, of which only the training annotations are used so that test labels never leak
+    into the embedding.
+    """
+    found: set[Path] = set()
+    for spec in specs:
+        spec_path = Path(spec)
+        if (spec_path / "dataset.json").is_file() and (spec_path / IMPORT_TRAIN_SUBDIR).is_dir():
+            found.update(p for p in (spec_path / IMPORT_TRAIN_SUBDIR).rglob("*.parquet") if p.is_file())
+        elif spec_path.is_dir():
+            found.update(p for p in spec_path.rglob("*.parquet") if p.is_file())
+        elif spec_path.is_file():
+            found.add(spec_path)
+        else:
+            matches = [Path(m) for m in glob.glob(str(spec), recursive=True)]
+            if not matches:
+                raise ShardError(spec_path, "no such file, directory or glob match")
+            for match in matches:
+                if match.is_dir():
+                    found.update(p for p in match.rglob("*.parquet") if p.is_file())
+                elif match.is_file():
+                    found.add(match)
+    return sorted(p.resolve() for p in found)
+
+
+def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
+    """Index of the first true value of a boolean array (nulls count as false)."""
+    values = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+    hits = np.flatnonzero(values)
+    return int(hits[0]) if hits.size else None
+
+
+def _check_schema(path: Path, schema: pa.Schema) -> str:
+    """Check column names and types; return which label column the shard uses."""
+    names = schema.names
+    extra = sorted(set(names) - KNOWN_COLUMNS)
+    if extra:
+        raise ShardError(
+            path,
+            f"unexpected column(s) {extra}; expected {ID_COLUMN!r}, {LONG_COLUMN!r} or "
+            f"{LIST_COLUMN!r}, and optionally {CONFIDENCE_COLUMN!r}",
+            column=extra[0],
+        )
+    if len(set(names)) != len(names):
+        raise ShardError(path, "duplicate column names")
+    if ID_COLUMN not in names:
+        raise ShardError(path, "missing column", column=ID_COLUMN)
+    has_long, has_list = LONG_COLUMN in names, LIST_COLUMN in names
+    if has_long == has_list:
+        raise ShardError(
+            path,
+            f"needs exactly one of the columns {LONG_COLUMN!r} (one row per label) or {LIST_COLUMN!r} (list of labels)",
+            column=LONG_COLUMN if has_long else LIST_COLUMN,
+        )
+    id_type = schema.field(ID_COLUMN).type
+    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise ShardError(path, f"must be string or int64, found {id_type}", column=ID_COLUMN)
+    label_column = LONG_COLUMN if has_long else LIST_COLUMN
+    label_type = schema.field(label_column).type
+    if has_list:
+        if not (pa.types.is_list(label_type) or pa.types.is_large_list(label_type)):
+            raise ShardError(path, f"must be list<string>, found {label_type}", column=label_column)
+        label_type = label_type.value_type
+    if pa.types.is_dictionary(label_type):
+        label_type = label_type.value_type
+    if not (pa.types.is_string(label_type) or pa.types.is_large_string(label_type)):
+        raise ShardError(path, f"labels must be strings, found {schema.field(label_column).type}", column=label_column)
+    if CONFIDENCE_COLUMN in names:
+        conf_type = schema.field(CONFIDENCE_COLUMN).type
+        if not (pa.types.is_floating(conf_type) or pa.types.is_integer(conf_type)):
+            raise ShardError(path, f"must be a float in [0, 1], found {conf_type}", column=CONFIDENCE_COLUMN)
+    return label_column
+
+
+def _check_utf8(path: Path, strings: pa.Array, column: str, row_of: np.ndarray | None) -> None:
+    """Parquet does not guarantee valid UTF-8 in string columns; find and name the first bad value."""
+    try:
+        strings.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    binary = strings.cast(pa.large_binary()) if pa.types.is_large_string(strings.type) else strings.cast(pa.binary())
+    for i, value in enumerate(binary.to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            row = int(row_of[i]) if row_of is not None else i
+            raise ShardError(path, "not valid UTF-8", row=row, column=column) from None
+
+
+def read_annotations(path: str | Path, *, max_label_bytes: int = MAX_LABEL_BYTES) -> Annotations:
+    """Read one shard, validate it against the contract and encode it as integer pairs.
+
+    Raises :class:`ShardError` on the first violation: unreadable or non-Parquet file, missing or unknown
+    columns, wrong types, nulls, empty label lists, empty or over-long labels, invalid UTF-8, NaN or
+    out-of-range confidence.
+    """
+    path = Path(path)
+    try:
+        sha = shard_hash(path)
+        parquet = pq.ParquetFile(path)
+        label_column = _check_schema(path, parquet.schema_arrow)
+        table = parquet.read()
+    except ShardError:
+        raise
+    except OSError as exc:
+        # pyarrow raises ArrowInvalid (an OSError subclass... or ValueError) for corrupt/foreign files.
+        raise ShardError(path, f"not a readable Parquet file ({exc})") from None
+    except (pa.ArrowException, ValueError) as exc:
+        raise ShardError(path, f"not a readable Parquet file ({exc})") from None
+
+    n_rows = table.num_rows
+    ids = table.column(ID_COLUMN).combine_chunks()
+    row = _first_true(pc.is_null(ids))
+    if row is not None:
+        raise ShardError(path, "null example id", row=row, column=ID_COLUMN)
+    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+        _check_utf8(path, ids, ID_COLUMN, None)
+        row = _first_true(pc.equal(pc.utf8_length(ids), 0))
+        if row is not None:
+            raise ShardError(path, "empty example id", row=row, column=ID_COLUMN)
+
+    keep_rows = None
+    if CONFIDENCE_COLUMN in table.column_names:
+        conf = pc.cast(table.column(CONFIDENCE_COLUMN).combine_chunks(), pa.float64())
+        row = _first_true(pc.is_null(conf))
+        if row is not None:
+            raise ShardError(path, "null confidence", row=row, column=CONFIDENCE_COLUMN)
+        conf_np = conf.to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~((conf_np >= 0.0) & (conf_np <= 1.0)))  # catches NaN too
+        if bad.size:
+            raise ShardError(
+                path,
+                f"confidence must be in [0, 1], found {conf_np[bad[0]]!r}",
+                row=int(bad[0]),
+                column=CONFIDENCE_COLUMN,
+            )
+        keep_rows = conf_np > 0.0  # confidence 0 is an explicit negative: not counted
+
+    column = table.column(label_column).combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    row = _first_true(pc.is_null(column))
+    if row is not None:
+        raise ShardError(
+            path,
+            "null label" if label_column == LONG_COLUMN else "null label list",
+            row=row,
+            column=label_column,
+        )
+    if label_column == LIST_COLUMN:
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        row = np.flatnonzero(lengths == 0)
+        if row.size:
+            raise ShardError(
+                path,
+                "empty label list (an example without labels has no row)",
+                row=int(row[0]),
+                column=label_column,
+            )
+        row_of_value = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+        labels = pc.list_flatten(column)
+        if pa.types.is_dictionary(labels.type):
+            labels = labels.dictionary_decode()
+    else:
+        row_of_value = None
+        labels = column
+
+    null_value = _first_true(pc.is_null(labels))
+    if null_value is not None:
+        raise ShardError(path, "null label in list", row=_row(row_of_value, null_value), column=label_column)
+    _check_utf8(path, labels, label_column, row_of_value)
+    byte_lengths = pc.binary_length(labels).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(byte_lengths == 0)
+    if bad.size:
+        raise ShardError(path, "empty label", row=_row(row_of_value, int(bad[0])), column=label_column)
+    bad = np.flatnonzero(byte_lengths > max_label_bytes)
+    if bad.size:
+        raise ShardError(
+            path,
+            f"label of {int(byte_lengths[bad[0]])} bytes exceeds the limit of {max_label_bytes}",
+            row=_row(row_of_value, int(bad[0])),
+            column=label_column,
+        )
+
+    # Encode examples and labels as integer codes.
+    example_of_row = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    example_of_value = example_of_row if row_of_value is None else example_of_row[row_of_value]
+    if keep_rows is not None:
+        keep_values = keep_rows if row_of_value is None else keep_rows[row_of_value]
+        example_of_value = example_of_value[keep_values]
+        labels = labels.filter(pa.array(keep_values))
+    encoded = pc.dictionary_encode(labels)
+    vocab = encoded.dictionary
+    order = pc.sort_indices(vocab).to_numpy(zero_copy_only=False)  # sort the shard's vocabulary
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    label_codes = rank[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int64)
+    sorted_vocab = np.asarray(vocab.take(pa.array(order)).to_pylist(), dtype=object)
+
+    # Examples that only had negatives vanish; renumber the remaining ones densely.
+    used, example_codes = np.unique(example_of_value, return_inverse=True)
+    n_local = len(sorted_vocab)
+    pair_keys = np.unique(example_codes.astype(np.int64) * max(n_local, 1) + label_codes)  # repeats collapse
+    return Annotations(
+        path=path,
+        sha256=sha,
+        labels=sorted_vocab,
+        example_codes=pair_keys // max(n_local, 1),
+        label_codes=pair_keys % max(n_local, 1),
+        n_examples=int(used.size),
+        n_rows=n_rows,
+    )
+
+
+def _row(row_of_value: np.ndarray | None, index: int) -> int:
+    return int(row_of_value[index]) if row_of_value is not None else index
+
+
+def write_annotation_shard(
+    path: str | Path,
+    example_ids: Sequence[int] | Sequence[str] | np.ndarray,
+    label_lists: Sequence[Sequence[str]],
+    *,
+    compression: str = "zstd",
+) -> Path:
+    """Write a list-form shard (``example_id``, ``labels``). Used by importers, the generator and tests."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = np.asarray(example_ids)
+    id_array = (
+        pa.array(ids, type=pa.int64())
+        if np.issubdtype(ids.dtype, np.integer)
+        else pa.array([str(x) for x in ids], type=pa.string())
+    )
+    table = pa.table({ID_COLUMN: id_array, LIST_COLUMN: pa.array(label_lists, type=pa.list_(pa.string()))})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression=compression)
+    tmp.replace(path)
+    return path

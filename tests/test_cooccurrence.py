@@ -1,0 +1,93 @@
+"""Counting against an in-memory scipy reference on real data; additivity; split and worker invariance."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import reference_counts
+
+from pmi_pipeline.cooccurrence import Counts, count_shards
+from pmi_pipeline.shards import discover_shards, write_annotation_shard
+
+
+def assert_matches_reference(counts: Counts, shard_paths) -> None:
+    labels, label_counts, pairs, n = reference_counts(shard_paths)
+    assert counts.labels.tolist() == labels  # count_shards returns the sorted vocabulary
+    assert counts.n_examples == n
+    np.testing.assert_array_equal(counts.label_counts, label_counts)
+    dense = counts.pairs.toarray()
+    np.testing.assert_array_equal(np.triu(dense, 1), dense)  # pairs stored once, i < j
+    np.testing.assert_array_equal(dense + dense.T, pairs)
+
+
+@pytest.mark.parametrize("dataset", ["bibtex", "delicious", "eurlex"])
+def test_counts_equal_scipy_reference_on_real_data(dataset, data_dir):
+    paths = discover_shards([data_dir / dataset])
+    result = count_shards(paths)
+    assert not result.rejected
+    assert_matches_reference(result.counts, paths)
+
+
+def resplit(paths, out_dir, n_shards):
+    """The same examples written as ``n_shards`` shards of unequal sizes."""
+    ids, labels = [], []
+    for path in paths:
+        table = pq.read_table(path).to_pydict()
+        ids += table["example_id"]
+        labels += table["labels"]
+    cuts = np.sort(np.random.default_rng(n_shards).choice(np.arange(1, len(ids)), n_shards - 1, replace=False))
+    bounds = [0, *cuts.tolist(), len(ids)]
+    return [
+        write_annotation_shard(out_dir / f"part-{i:03d}.parquet", ids[a:b], labels[a:b])
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+
+
+@pytest.mark.parametrize("n_shards", [1, 7])
+def test_counts_do_not_depend_on_how_shards_are_split(n_shards, eurlex_dir, tmp_path):
+    original = discover_shards([eurlex_dir])
+    split = resplit(original, tmp_path, n_shards)
+    a, b = count_shards(original).counts, count_shards(split).counts
+    assert a.labels.tolist() == b.labels.tolist()
+    assert a.equals(b) and a.n_examples == 19577
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dask_counts_equal_in_process_counts(workers, dask_clients, eurlex_dir):
+    paths = discover_shards([eurlex_dir])
+    local = count_shards(paths).counts
+    seen = []
+    distributed = count_shards(paths, dask_clients[workers], progress=lambda d, t: seen.append((d, t))).counts
+    assert distributed.labels.tolist() == local.labels.tolist()
+    assert distributed.equals(local) and distributed.manifest == local.manifest
+    assert seen[-1] == (len(paths), len(paths))
+
+
+def test_bad_shard_is_rejected_and_others_go_on(eurlex_dir, tmp_path, dask_clients):
+    paths = discover_shards([eurlex_dir])
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    for client in (None, dask_clients[2]):
+        result = count_shards([*paths, bad], client)
+        assert [e.path for e in result.rejected] == [str(bad)]
+        assert result.counts.equals(count_shards(paths).counts)
+
+
+def test_merge_is_additive_and_order_free(eurlex_dir):
+    parts = [count_shards([p]).counts for p in discover_shards([eurlex_dir])]
+    forward = Counts.sum(parts).sorted()
+    backward = Counts.sum(parts[::-1]).sorted()
+    assert forward.labels.tolist() == backward.labels.tolist() and forward.equals(backward)
+    assert forward.n_examples == sum(p.n_examples for p in parts)
+    with pytest.raises(ValueError, match="counted twice"):
+        parts[0].merge(parts[0])
+
+
+def test_save_load_round_trip(bibtex_dir, tmp_path):
+    counts = count_shards(discover_shards([bibtex_dir])).counts
+    loaded = Counts.load(counts.save(tmp_path / "counts.npz"))
+    assert loaded.labels.tolist() == counts.labels.tolist() and loaded.equals(counts)
+    assert loaded.manifest == counts.manifest

@@ -82,19 +82,29 @@ class Counts:
             raise ValueError(f"target vocabulary lacks labels such as {missing}")
         label_counts = np.zeros(labels.size, np.int64)
         label_counts[position] = self.label_counts
-        coo = self.pairs.tocoo()
-        rows, cols = position[coo.row], position[coo.col]
-        pairs = _upper_csr(rows, cols, coo.data, labels.size)
+        if position.size < 2 or np.all(np.diff(position) > 0):
+            pairs = _remap_monotone(self.pairs, position, labels.size)
+        else:
+            coo = self.pairs.tocoo()
+            pairs = _upper_csr(position[coo.row], position[coo.col], coo.data, labels.size)
         return Counts(labels, label_counts, pairs, self.n_examples, dict(self.manifest))
 
-    def merge(self, other: Counts) -> Counts:
-        """Sum of two counts. The vocabulary is this one's, then ``other``'s new labels in sorted order."""
+    def merge(self, other: Counts, *, sorted_union: bool = False) -> Counts:
+        """Sum of two counts over the union of their vocabularies.
+
+        The union is this one's labels, then ``other``'s new ones in sorted order (so a store's label order never
+        changes), or, with ``sorted_union``, all labels sorted: merging two sorted counts that way only relabels
+        indices, with no re-sorting of the pairs, which makes the tree-sum of per-shard counts cheap.
+        """
         overlap = set(self.manifest) & set(other.manifest)
         if overlap:
             raise ValueError(f"shard(s) counted twice: {sorted(overlap)[:3]}")
-        known = set(self.labels.tolist())
-        new = sorted(label for label in other.labels.tolist() if label not in known)
-        labels = np.concatenate([self.labels, np.asarray(new, dtype=object)]) if new else self.labels
+        if sorted_union:
+            labels = np.asarray(sorted(set(self.labels.tolist()) | set(other.labels.tolist())), dtype=object)
+        else:
+            known = set(self.labels.tolist())
+            new = sorted(label for label in other.labels.tolist() if label not in known)
+            labels = np.concatenate([self.labels, np.asarray(new, dtype=object)]) if new else self.labels
         a, b = self.reindex(labels), other.reindex(labels)
         return Counts(
             labels,
@@ -106,12 +116,15 @@ class Counts:
 
     @staticmethod
     def sum(counts: Iterable[Counts]) -> Counts:
-        """Tree-sum (pairwise) so that no single merge grows with the number of shards."""
-        level = list(counts)
+        """Tree-sum (pairwise) over the sorted union of the vocabularies; the result is in sorted order."""
+        level = [c.sorted() for c in counts]
         if not level:
             return Counts.empty()
         while len(level) > 1:
-            level = [level[i].merge(level[i + 1]) if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)]
+            level = [
+                level[i].merge(level[i + 1], sorted_union=True) if i + 1 < len(level) else level[i]
+                for i in range(0, len(level), 2)
+            ]
         return level[0]
 
     def sorted(self) -> Counts:
@@ -164,6 +177,16 @@ def _positions(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+def _remap_monotone(pairs: sp.csr_matrix, position: np.ndarray, m: int) -> sp.csr_matrix:
+    """Move rows and columns to increasing new positions: the CSR structure carries over without a sort."""
+    pairs = pairs.tocsr()
+    pairs.sum_duplicates()
+    indptr = np.zeros(m + 1, dtype=np.int64)
+    indptr[position + 1] = np.diff(pairs.indptr)
+    np.cumsum(indptr, out=indptr)
+    return sp.csr_matrix((pairs.data, position[pairs.indices], indptr), shape=(m, m))
+
+
 def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> sp.csr_matrix:
     """Symmetric pair entries folded into the strict upper triangle, duplicates summed."""
     lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
@@ -206,7 +229,7 @@ def _count_or_error(path: str) -> Counts | ShardError:
 
 
 def _merge_pair(a: Counts, b: Counts) -> Counts:
-    return a.merge(b)
+    return a.merge(b, sorted_union=True)
 
 
 @dataclass

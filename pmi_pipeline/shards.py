@@ -268,17 +268,23 @@ def read_annotations(path: str | Path, *, max_label_bytes: int = MAX_LABEL_BYTES
     label_codes = rank[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int64)
     sorted_vocab = np.asarray(vocab.take(pa.array(order)).to_pylist(), dtype=object)
 
-    # Examples that only had negatives vanish; renumber the remaining ones densely.
-    used, example_codes = np.unique(example_of_value, return_inverse=True)
-    n_local = len(sorted_vocab)
-    pair_keys = np.unique(example_codes.astype(np.int64) * max(n_local, 1) + label_codes)  # repeats collapse
+    # Examples that only had negatives vanish; renumber the remaining ones densely (bincount, not np.unique: its
+    # hash-based path was the slowest step of counting).
+    n_ids = int(example_of_row.max()) + 1 if example_of_row.size else 0
+    present = np.bincount(example_of_value, minlength=n_ids) > 0
+    renumber = np.cumsum(present) - 1
+    n_local = max(len(sorted_vocab), 1)
+    pair_keys = renumber[example_of_value] * n_local + label_codes
+    pair_keys.sort()
+    if pair_keys.size:
+        pair_keys = pair_keys[np.concatenate(([True], pair_keys[1:] != pair_keys[:-1]))]  # repeats collapse
     return Annotations(
         path=path,
         sha256=sha,
         labels=sorted_vocab,
-        example_codes=pair_keys // max(n_local, 1),
-        label_codes=pair_keys % max(n_local, 1),
-        n_examples=int(used.size),
+        example_codes=pair_keys // n_local,
+        label_codes=pair_keys % n_local,
+        n_examples=int(present.sum()),
         n_rows=n_rows,
     )
 

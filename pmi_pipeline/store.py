@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -83,16 +84,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _array(group: zarr.Group, name: str, data: np.ndarray) -> None:
+def array_checksum(data: np.ndarray) -> str:
+    """SHA-256 of an array's values (strings joined by NUL), recorded at publish and verified by ``check``."""
+    data = np.asarray(data)
+    if data.dtype == object or data.dtype.kind in "UT":
+        payload = "\0".join(str(x) for x in data.ravel().tolist()).encode("utf-8")
+    else:
+        payload = np.ascontiguousarray(data).tobytes()
+    return "sha256:" + hashlib.sha256(payload).hexdigest()
+
+
+def _array(group: zarr.Group, name: str, data: np.ndarray) -> str:
+    """Write one array; return its checksum."""
     if data.dtype == object or data.dtype.kind == "U":
         array = group.create_array(name, shape=data.shape, dtype=str, chunks=(max(1, min(data.size, 65536)),))
         if data.size:
             array[:] = data.astype(str)
-        return
+        return array_checksum(data)
     chunks = tuple(max(1, min(s, 65536 if data.ndim == 1 else 8192)) for s in data.shape)
     array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_COMPRESSORS)
     if data.size:
         array[...] = data
+    return array_checksum(data)
 
 
 class EmbeddingStore:
@@ -276,18 +289,24 @@ class EmbeddingStore:
         name = self._next_name()
         tmp = self.path / "versions" / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(LocalStore(tmp), mode="w")
-        _array(group, "embedding", np.ascontiguousarray(embedding, dtype=np.float32))
-        _array(group, "labels", labels)
-        _array(group, "label_counts", np.asarray(label_counts, dtype=np.int64))
-        _array(group, "eigenvalues", np.asarray(eigenvalues, dtype=np.float64))
+        arrays = {
+            "embedding": np.ascontiguousarray(embedding, dtype=np.float32),
+            "labels": labels,
+            "label_counts": np.asarray(label_counts, dtype=np.int64),
+            "eigenvalues": np.asarray(eigenvalues, dtype=np.float64),
+        }
+        checksums = {name_: _array(group, name_, data) for name_, data in arrays.items()}
         counts_group = group.create_group("counts")
         coo = counts.pairs.tocoo()
         index_dtype = np.int32 if counts.n_labels < 2**31 else np.int64
-        _array(counts_group, "labels", counts.labels)
-        _array(counts_group, "label_counts", counts.label_counts)
-        _array(counts_group, "pair_row", coo.row.astype(index_dtype))
-        _array(counts_group, "pair_col", coo.col.astype(index_dtype))
-        _array(counts_group, "pair_count", coo.data.astype(np.int64))
+        count_arrays = {
+            "labels": counts.labels,
+            "label_counts": counts.label_counts,
+            "pair_row": coo.row.astype(index_dtype),
+            "pair_col": coo.col.astype(index_dtype),
+            "pair_count": coo.data.astype(np.int64),
+        }
+        checksums.update({f"counts/{n}": _array(counts_group, n, data) for n, data in count_arrays.items()})
         counts_group.attrs.update({"n_examples": counts.n_examples, "manifest": counts.manifest})
         group.attrs.update(
             {
@@ -296,6 +315,7 @@ class EmbeddingStore:
                 "parent": self.latest,
                 "n_labels": int(m),
                 "dim": int(embedding.shape[1]),
+                "checksums": checksums,
             }
         )
         _fsync_tree(tmp)

@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("synth_cmd", "synth"),
     ("embed_cmd", "embed"),
     ("neighbors_cmd", "neighbors"),
+    ("check_cmd", "check"),
     ("train_cmd", "train"),
     ("evaluate_cmd", "evaluate"),
     ("reembed_cmd", "reembed"),

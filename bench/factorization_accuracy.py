@@ -47,29 +47,47 @@ def main() -> None:
                 for shift in (0.0, "auto"):
                     for q in args.iters:
                         start = time.perf_counter()
-                        values, _, used = randomized_eigh(a, args.k, n_oversamples=p, n_power_iter=q,
-                                                          spectral_shift=shift)
+                        values, _, used = randomized_eigh(
+                            a, args.k, n_oversamples=p, n_power_iter=q, spectral_shift=shift
+                        )
                         seconds = time.perf_counter() - start
                         rel = np.abs(values - reference) / np.abs(reference)
-                        rows.append({"dataset": dataset, "pmi": variant, "m": a.shape[0], "nnz": int(a.nnz),
-                                     "k": args.k, "oversamples": p, "power_iter": q, "shift": shift,
-                                     "shift_used": used, "max_rel_err": float(rel.max()),
-                                     "max_rel_err_top_half": float(rel[: args.k // 2].max()),
-                                     "seconds": seconds, "eigsh_seconds": eigsh_s,
-                                     "lambda_1": float(reference[0]), "lambda_k": float(reference[-1]),
-                                     "lambda_min": smallest})
+                        rows.append(
+                            {
+                                "dataset": dataset,
+                                "pmi": variant,
+                                "m": a.shape[0],
+                                "nnz": int(a.nnz),
+                                "k": args.k,
+                                "oversamples": p,
+                                "power_iter": q,
+                                "shift": shift,
+                                "shift_used": used,
+                                "max_rel_err": float(rel.max()),
+                                "max_rel_err_top_half": float(rel[: args.k // 2].max()),
+                                "seconds": seconds,
+                                "eigsh_seconds": eigsh_s,
+                                "lambda_1": float(reference[0]),
+                                "lambda_k": float(reference[-1]),
+                                "lambda_min": smallest,
+                            }
+                        )
                         print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "bench" / "results" / f"factorization-accuracy-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps(rows, indent=1))
     print(f"\nwrote {out}\n")
-    print("| dataset | PMI | m | lambda_1 / lambda_k / lambda_min | oversamples | shift | iters | max rel. error "
-          "(all k / top k/2) | time (eigsh) |")
+    print(
+        "| dataset | PMI | m | lambda_1 / lambda_k / lambda_min | oversamples | shift | iters | max rel. error "
+        "(all k / top k/2) | time (eigsh) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dataset']} | {r['pmi']} | {r['m']} | {r['lambda_1']:.0f} / {r['lambda_k']:.1f} / "
-              f"{r['lambda_min']:.0f} | {r['oversamples']} | {r['shift']} | {r['power_iter']} | "
-              f"{r['max_rel_err']:.1e} / {r['max_rel_err_top_half']:.1e} | {r['seconds']:.2f}s "
-              f"({r['eigsh_seconds']:.2f}s) |")
+        print(
+            f"| {r['dataset']} | {r['pmi']} | {r['m']} | {r['lambda_1']:.0f} / {r['lambda_k']:.1f} / "
+            f"{r['lambda_min']:.0f} | {r['oversamples']} | {r['shift']} | {r['power_iter']} | "
+            f"{r['max_rel_err']:.1e} / {r['max_rel_err_top_half']:.1e} | {r['seconds']:.2f}s "
+            f"({r['eigsh_seconds']:.2f}s) |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,11 @@ Method = Literal["eig", "svd"]
 @dataclass(frozen=True)
 class FactorizeParams:
     method: Method = "eig"
-    dim: int = 64
-    power: float = 0.5
+    dim: int = 256
+    power: float = 0.0
     n_oversamples: int | None = None  # None: max(dim, 16)
     n_power_iter: int = 8
-    spectral_shift: Literal["auto"] | float = 0.0
+    spectral_shift: Literal["auto"] | float = "auto"
     seed: int = 0
     block_size: int = 16384
 

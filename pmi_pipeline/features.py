@@ -98,9 +98,7 @@ def write_feature_shard(
     return path
 
 
-def _sparse_table(
-    ids: np.ndarray, X: sp.spmatrix | sp.sparray, n_features: int | None
-) -> tuple[pa.Table, int]:
+def _sparse_table(ids: np.ndarray, X: sp.spmatrix | sp.sparray, n_features: int | None) -> tuple[pa.Table, int]:
     csr = sp.csr_matrix(X, dtype=np.float32, copy=True)
     csr.sum_duplicates()  # also sorts the indices
     if csr.shape[0] != ids.size:
@@ -114,9 +112,7 @@ def _sparse_table(
     offsets = pa.array(csr.indptr.astype(np.int32), pa.int32())
     index = pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32), pa.int32()))
     value = pa.ListArray.from_arrays(offsets, pa.array(csr.data, pa.float32()))
-    table = pa.table(
-        {"example_id": pa.array(ids, pa.int64()), "feature_index": index, "feature_value": value}
-    )
+    table = pa.table({"example_id": pa.array(ids, pa.int64()), "feature_index": index, "feature_value": value})
     return table, dim
 
 
@@ -248,9 +244,7 @@ def _example_ids(path: Path, table: pa.Table) -> np.ndarray:
 def _list_column(path: Path, table: pa.Table, name: str, value_check) -> tuple[np.ndarray, np.ndarray]:
     """Return (offsets from 0, flat values) of a list column, checking its type and that no entry is null."""
     arr = table.column(name).combine_chunks()
-    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not value_check(
-        arr.type.value_type
-    ):
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not value_check(arr.type.value_type):
         raise ShardError(path, f"unexpected type {arr.type}", column=name)
     if arr.null_count:
         row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
@@ -360,16 +354,12 @@ class Split:
                 j = col.get(name)
                 if j is None:
                     if unknown == "error":
-                        raise PipelineError(
-                            f"label {name!r} of example {self.example_ids[i]} is not in the vocabulary"
-                        )
+                        raise PipelineError(f"label {name!r} of example {self.example_ids[i]} is not in the vocabulary")
                     continue
                 indices.append(j)
             indptr[i + 1] = len(indices)
         data = np.ones(len(indices), dtype=np.float32)
-        Y = sp.csr_matrix(
-            (data, np.asarray(indices, dtype=np.int32), indptr), shape=(len(self.labels), len(col))
-        )
+        Y = sp.csr_matrix((data, np.asarray(indices, dtype=np.int32), indptr), shape=(len(self.labels), len(col)))
         Y.sum_duplicates()
         Y.data[:] = 1.0
         return Y
@@ -427,9 +417,7 @@ def _read_label_lists(paths: Sequence[Path]) -> dict[int, list[str]]:
             shard.setdefault(i, []).extend(lab)
         for i, lab in shard.items():
             if i in origin:
-                raise ShardError(
-                    path, f"example_id {i} is also annotated in {origin[i]}", column="example_id"
-                )
+                raise ShardError(path, f"example_id {i} is also annotated in {origin[i]}", column="example_id")
             origin[i] = path
             out[i] = list(dict.fromkeys(v for v in lab if v is not None))
     return out

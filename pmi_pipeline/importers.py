@@ -204,9 +204,7 @@ def _xc_read(path: Path) -> _XCRaw:
     if header is not None and header[0] != n:
         # short: point at the last line (truncated file); long: at the first line too many
         line = first + n if n < header[0] else first + header[0] + 1
-        raise SourceFormatError(
-            path, line, f"the header says {header[0]} examples but the file has {n} example lines"
-        )
+        raise SourceFormatError(path, line, f"the header says {header[0]} examples but the file has {n} example lines")
 
     label_parts: list[str] = []
     feat_parts: list[str] = []
@@ -312,9 +310,7 @@ def _xc_to_source(
     X.sort_indices()
     rep = _first_repeat(X)
     if rep is not None:
-        raise SourceFormatError(
-            raw.path, raw.first_line + rep[0], f"feature index {rep[1] + feature_shift} repeated"
-        )
+        raise SourceFormatError(raw.path, raw.first_line + rep[0], f"feature index {rep[1] + feature_shift} repeated")
     X.eliminate_zeros()
     lines = raw.first_line + np.arange(raw.n)
     return ParsedSource(raw.path, Y, X, label_names, lines, fmt)
@@ -326,9 +322,7 @@ def _xc_dims(raws: Sequence[_XCRaw], label_names: list[str] | None) -> tuple[int
     if all(h is not None for h in headers):
         dims = {(h[1], h[2]) for h in headers if h is not None}
         if len(dims) > 1:
-            raise SourceFormatError(
-                raws[1].path, 1, f"header dimensions {sorted(dims)} differ from {raws[0].path}"
-            )
+            raise SourceFormatError(raws[1].path, 1, f"header dimensions {sorted(dims)} differ from {raws[0].path}")
         d, m = dims.pop()
         return m, d, 0, "xc"
     if any(h is not None for h in headers):
@@ -380,9 +374,7 @@ def parse_xc(path: PathLike, *, label_names: PathLike | Sequence[str] | None = N
 # ARFF (Mulan and MEKA)
 
 
-_ATTRIBUTE = re.compile(
-    r"@attribute\s+('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s{]+)\s*(.*)", re.IGNORECASE
-)
+_ATTRIBUTE = re.compile(r"@attribute\s+('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s{]+)\s*(.*)", re.IGNORECASE)
 _RELATION = re.compile(r"@relation\s+(.*)", re.IGNORECASE)
 _MEKA_C = re.compile(r"(?:^|\s)-C\s+(-?\d+)")
 _SPARSE_ROW = re.compile(r"\s*[^\s,]+\s+[^\s,]+\s*(?:,\s*[^\s,]+\s+[^\s,]+\s*)*")
@@ -428,9 +420,7 @@ def _arff_header(path: Path, lines: list[str]) -> _ArffHeader:
                 name = m.group(1)  # unquoted names are kept verbatim (Mulan's XML uses them so: TAG_m\'usica)
             if kind.startswith("{"):
                 if not kind.endswith("}"):
-                    raise SourceFormatError(
-                        path, i + 1, f"unterminated nominal type {kind[:80]!r}", column=name
-                    )
+                    raise SourceFormatError(path, i + 1, f"unterminated nominal type {kind[:80]!r}", column=name)
                 values = [_unquote(v) for v in kind[1:-1].split(",")]
                 attributes.append(_Attribute(name, values))
             elif kind.split()[0].lower() in ("numeric", "real", "integer"):
@@ -555,9 +545,7 @@ def _arff_matrix(path: Path, lines: list[str], header: _ArffHeader) -> tuple[sp.
         if cols is None:
             for k, token in enumerate(numbers[0::2]):
                 if not token.isdigit():
-                    raise SourceFormatError(
-                        path, int(line_of_row[row_of_pair[k]]), f"bad attribute index {token!r}"
-                    )
+                    raise SourceFormatError(path, int(line_of_row[row_of_pair[k]]), f"bad attribute index {token!r}")
             raise SourceFormatError(path, None, "attribute index too large")
         bad = np.flatnonzero((cols < 0) | (cols >= n_attr))
         if bad.size:
@@ -591,15 +579,11 @@ def _arff_matrix(path: Path, lines: list[str], header: _ArffHeader) -> tuple[sp.
     )
     rep = _first_repeat(M)
     if rep is not None:
-        raise SourceFormatError(
-            path, int(line_of_row[rep[0]]), f"attribute index {rep[1]} repeated in a sparse row"
-        )
+        raise SourceFormatError(path, int(line_of_row[rep[0]]), f"attribute index {rep[1]} repeated in a sparse row")
     return M, line_of_row
 
 
-def _label_columns(
-    path: Path, header: _ArffHeader, label_names: Sequence[str] | None, xml: Path | None
-) -> list[int]:
+def _label_columns(path: Path, header: _ArffHeader, label_names: Sequence[str] | None, xml: Path | None) -> list[int]:
     """Attribute indices of the labels, in label order."""
     names = [a.name for a in header.attributes]
     if label_names is not None:
@@ -748,9 +732,7 @@ def write_import_dir(
         start = 0
         for split, (Y, X) in splits.items():
             if Y.shape[1] != len(label_names) or Y.shape[0] != X.shape[0]:
-                raise PipelineError(
-                    f"split {split}: Y {Y.shape} and X {X.shape} do not fit {len(label_names)} labels"
-                )
+                raise PipelineError(f"split {split}: Y {Y.shape} and X {X.shape} do not fit {len(label_names)} labels")
             ids = np.arange(start, start + Y.shape[0], dtype=np.int64)
             start += Y.shape[0]
             _write_annotation_shard(tmp / "annotations" / split / "part-00000.parquet", ids, Y, names)
@@ -909,8 +891,6 @@ def import_arff(
             name = train_header.relation.split(":")[0].strip()
         else:
             name = _default_name(Path(train))
-    info = write_import_dir(
-        out, splits, train_src.label_names, name=name, fmt="arff", source=source, force=force
-    )
+    info = write_import_dir(out, splits, train_src.label_names, name=name, fmt="arff", source=source, force=force)
     logger.info("imported %s into %s", train, out)
     return info

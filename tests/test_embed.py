@@ -68,7 +68,8 @@ def test_new_parameters_reuse_the_stored_counts(bibtex_dir, tmp_path):
 
 def test_incremental_equals_full_and_aligns(eurlex_dir, tmp_path):
     shards = discover_shards([eurlex_dir])
-    converged = EmbedParams(dim=16, n_oversamples=64, n_power_iter=12)  # both runs reach the same subspace
+    # both runs reach the same subspace (pinned: this tests alignment, not the defaults)
+    converged = EmbedParams(dim=16, n_oversamples=64, n_power_iter=12, power=0.5, spectral_shift=0.0)
     embed(shards[:3], tmp_path / "inc", converged)
     second = embed(shards, tmp_path / "inc", converged)
     embed(shards, tmp_path / "full", converged)

@@ -79,9 +79,7 @@ def test_several_shards_concatenate_in_order(tmp_path: Path) -> None:
     parts = [_random_csr(rng, n, 12, 0.3) for n in (5, 1, 9)]
     paths, start = [], 0
     for k, X in enumerate(parts):
-        paths.append(
-            write_feature_shard(tmp_path / f"part-{k}.parquet", np.arange(start, start + X.shape[0]), X)
-        )
+        paths.append(write_feature_shard(tmp_path / f"part-{k}.parquet", np.arange(start, start + X.shape[0]), X))
         start += X.shape[0]
     ids, got = read_feature_shards(paths)
     np.testing.assert_array_equal(ids, np.arange(15))
@@ -95,9 +93,7 @@ def test_several_shards_concatenate_in_order(tmp_path: Path) -> None:
     seed=st.integers(0, 2**16),
     dense=st.booleans(),
 )
-def test_round_trip_property(
-    tmp_path_factory: pytest.TempPathFactory, n: int, d: int, seed: int, dense: bool
-):
+def test_round_trip_property(tmp_path_factory: pytest.TempPathFactory, n: int, d: int, seed: int, dense: bool):
     rng = np.random.default_rng(seed)
     A = rng.normal(size=(n, d)) * (rng.random((n, d)) < 0.4)
     X = A if dense else sp.csr_matrix(A)
@@ -190,9 +186,7 @@ def test_wrong_types_and_columns(tmp_path: Path) -> None:
 
 def test_dense_list_size_must_match_metadata(tmp_path: Path) -> None:
     values = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(6, np.float32)), 3)
-    path = _write_raw(
-        tmp_path / "a.parquet", {"example_id": pa.array([0, 1], pa.int64()), "features": values}, 4
-    )
+    path = _write_raw(tmp_path / "a.parquet", {"example_id": pa.array([0, 1], pa.int64()), "features": values}, 4)
     with pytest.raises(ShardError, match="list size 3"):
         read_feature_shards([path])
 

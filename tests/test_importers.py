@@ -197,9 +197,7 @@ def test_arff_header_errors(tmp_path: Path) -> None:
 
 
 def test_arff_nominal_values_that_are_not_numbers(tmp_path: Path) -> None:
-    text = (
-        "@relation 'r: -C 1'\n@attribute y {no,yes}\n@attribute c {red,green,blue}\n@data\nyes,blue\nno,red\n"
-    )
+    text = "@relation 'r: -C 1'\n@attribute y {no,yes}\n@attribute c {red,green,blue}\n@data\nyes,blue\nno,red\n"
     src = parse_arff(_write(tmp_path / "n.arff", text))
     np.testing.assert_array_equal(src.Y.toarray(), [[1], [0]])
     np.testing.assert_array_equal(src.X.toarray(), [[2], [0]])  # Weka's internal value: the index
@@ -326,9 +324,7 @@ def test_import_arff(tmp_path: Path) -> None:
 def test_cli_import_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train = _write(tmp_path / "toy.txt", XC_TEXT)
     out = tmp_path / "out"
-    assert (
-        main(["import", "xc", str(train), "--out", str(out), "--name", "toy", "--test-fraction", "0.5"]) == 0
-    )
+    assert main(["import", "xc", str(train), "--out", str(out), "--name", "toy", "--test-fraction", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "imported toy (xc)" in printed
     assert "3 labels, 5 features" in printed
@@ -343,9 +339,7 @@ def test_cli_import_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     xml = _write(tmp_path / "toy.xml", ARFF_XML)
     arff = _write(tmp_path / "toy.arff", ARFF_TEXT)
-    assert (
-        main(["import", "arff", str(arff), str(arff), "--xml", str(xml), "--out", str(tmp_path / "a")]) == 0
-    )
+    assert main(["import", "arff", str(arff), str(arff), "--xml", str(xml), "--out", str(tmp_path / "a")]) == 0
     assert "2 labels, 3 features" in capsys.readouterr().out
 
     bad = _write(tmp_path / "bad.txt", "1 2 2\n0 5:1\n")
@@ -366,8 +360,7 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
 def _stats(root: Path) -> dict[str, float]:
     """Statistics computed from the shards themselves with pyarrow, independently of dataset.json."""
     ids = {
-        s: pq.read_table(root / "features" / s / "part-00000.parquet").column("example_id")
-        for s in ("train", "test")
+        s: pq.read_table(root / "features" / s / "part-00000.parquet").column("example_id") for s in ("train", "test")
     }
     ann = {s: pq.read_table(root / "annotations" / s / "part-00000.parquet") for s in ("train", "test")}
     n = {s: len(ids[s]) for s in ids}
@@ -380,9 +373,7 @@ def _stats(root: Path) -> dict[str, float]:
         "cardinality": n_ann / (n["train"] + n["test"]),
         "without_labels": n["train"] + n["test"] - annotated,
         "labels_used": len(labels_used),
-        "n_features": int(
-            pq.read_schema(root / "features" / "train" / "part-00000.parquet").metadata[b"n_features"]
-        ),
+        "n_features": int(pq.read_schema(root / "features" / "train" / "part-00000.parquet").metadata[b"n_features"]),
     }
 
 

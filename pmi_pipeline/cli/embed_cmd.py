@@ -65,7 +65,7 @@ def add_embed_params(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.power,
         metavar="P",
-        help="E = V |lambda|^P (default: %(default)s; 0 weighs all dimensions equally)",
+        help="E = V |lambda|^P; 0 weighs all dimensions equally, the seed paper used 0.5 (default: %(default)s)",
     )
     fac.add_argument(
         "--oversamples",
@@ -83,9 +83,10 @@ def add_embed_params(parser: argparse.ArgumentParser) -> None:
     )
     fac.add_argument(
         "--spectral-shift",
-        default="0",
+        default=str(d.spectral_shift),
         metavar="S|auto",
-        help="factorize A + S*I to favour positive eigenvalues; 'auto' estimates S (default: 0)",
+        help="factorize A + S*I so that small positive eigenvalues are not missed; 'auto' estimates S from a "
+        "first pass, 0 turns it off (default: %(default)s)",
     )
     fac.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     fac.add_argument("--no-warm-start", action="store_true", help="do not start from the previous version")

@@ -904,6 +904,18 @@ def corpus_table(sizes: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _display_command(command: str, notes: list[str]) -> str:
+    """The command as a reader would type it: arguments with spaces in double quotes where that is safe."""
+    for note in notes:  # results written before commands were shell-quoted
+        if f"--note {shlex.quote(note)}" not in command:
+            command = command.replace(f"--note {note}", f"--note {shlex.quote(note)}")
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return command
+    return " ".join(_quote(t) if not t or set(t) & set(" \t'\"$`\\!*?;&|<>()") else t for t in tokens)
+
+
 def _quote(text: str) -> str:
     """Shell-quote for display: double quotes when that is safe (they read better around apostrophes)."""
     return f'"{text}"' if not set(text) & set('"$`\\!') else shlex.quote(text)
@@ -933,7 +945,7 @@ def merge_runs(runs: list[tuple[dict[str, Any], Path]]) -> list[dict[str, Any]]:
     return [merged[key] for key in sorted(merged)]
 
 
-def write_docs(runs: list[tuple[dict[str, Any], Path]]) -> None:
+def write_docs(runs: list[tuple[dict[str, Any], Path]], assembled_by: str | None = None) -> None:
     """Replace the marked block of docs/performance.md with the table of one or more runs."""
     sizes = merge_runs(runs)
     combined = {"sizes": sizes}
@@ -942,9 +954,7 @@ def write_docs(runs: list[tuple[dict[str, Any], Path]]) -> None:
     run_lines = []
     for number, (results, json_path) in enumerate(runs, 1):
         rm = results["machine"]
-        command = results["command"]
-        for note in results["args"].get("note") or []:  # results written before commands were shell-quoted
-            command = command.replace(f"--note {note}", f"--note {_quote(note)}")
+        command = _display_command(results["command"], results["args"].get("note") or [])
         run_lines.append(
             f"{number}. {results['date']}: `{command}` (load average {rm['load_average_at_start']} at the "
             f"start, {results['load_average_at_end']} at the end; {results['total_s'] / 60:.0f} min; each "
@@ -964,6 +974,7 @@ def write_docs(runs: list[tuple[dict[str, Any], Path]]) -> None:
             "Runs:",
             "",
             *run_lines,
+            *(["", f"Table assembled from them with `{assembled_by}`."] if assembled_by else []),
             "",
             f"Corpus: `pmi_pipeline.synth` ({a['labels']} labels, {a['mean_labels']} labels per example, "
             f"Zipf exponent 1, one latent group per 20 labels, {a['shard_size']} examples per shard). "
@@ -1020,7 +1031,7 @@ def main_report(args: argparse.Namespace) -> int:
     print()
     print("\n".join(goals({"sizes": sizes})))
     if not args.no_docs:
-        write_docs(runs)
+        write_docs(runs, assembled_by=" ".join(["python bench/embed.py report", *map(_rel, args.results)]))
         print(f"table written to {DOCS_FILE}")
     return 0
 

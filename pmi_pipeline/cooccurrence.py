@@ -276,7 +276,8 @@ def count_shards(
             error = future.exception()
             if error is not None:
                 raise error
-            if future.type is ShardError or isinstance(future.result(), ShardError):
+            # future.type is known to the scheduler: only a (small) error travels here, counts stay on workers
+            if isinstance(future.type, type) and issubclass(future.type, ShardError):
                 rejected.append(future.result())
                 future.release()
             else:

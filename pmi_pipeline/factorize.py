@@ -19,7 +19,9 @@ seeded and the Dask chunking depends only on the matrix size, so results do not 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +32,7 @@ import dask.array as da
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -191,7 +194,16 @@ def factorize(
     """Embedding of the PMI matrix ``a`` per ``params`` (see the module docstring for the method)."""
     start = time.perf_counter()
     which = "LA" if params.method == "eig" else "LM"
-    ctx = dask.config.set(scheduler=client) if client is not None else dask.config.set(scheduler="threads")
+    if client is not None:
+        ctx = dask.config.set(scheduler=client)  # worker processes already run BLAS on one thread each
+    elif math.ceil(a.shape[0] / params.block_size) > 1:
+        # Dask's threads already run one block per core: multithreaded BLAS on top of them oversubscribes the
+        # cores (measured 3-6x slower on a loaded 2-core machine, bench/embed.py). One block: let BLAS thread.
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(dask.config.set(scheduler="threads"))
+        ctx.enter_context(threadpool_limits(1, user_api="blas"))
+    else:
+        ctx = dask.config.set(scheduler="threads")
     with ctx:
         values, vectors, shift = randomized_eigh(
             a,

@@ -31,9 +31,9 @@ Example::
     summary = write_corpus("/tmp/corpus", SynthConfig(n_annotations=10_000_000, n_labels=20_000))
     print(summary.n_annotations, summary.annotations_per_s)
 
-Measured on 2 shared cores (``bench/embed.py``), one process, 20k labels: 10^8 annotations in 400 shards in
-113 s (0.9 million annotations/s, Parquet writing included) at a flat 200 MiB peak RSS; 2.7 MB of zstd
-Parquet per million annotations.
+Measured with ``bench/embed.py`` on 2 shared cores, one process, 20k labels: 10^8 annotations in 400 shards in
+70-113 s depending on the load (0.9-1.4 million annotations/s, Parquet writing included) at a flat 200 MiB peak
+RSS; 2.7 MB of zstd Parquet per million annotations.
 """
 
 from __future__ import annotations

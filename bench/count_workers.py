@@ -1,0 +1,86 @@
+"""Counting throughput: in-process vs a Dask LocalCluster of 1 and 2 workers, on one synthetic corpus.
+
+Each configuration counts the same shards (best of ``--repeat``, workers warmed by a first pass) and must produce
+counts equal to the in-process ones. Prints ratios against in-process counting and writes
+bench/results/count-workers-<time>.json.
+
+    python bench/count_workers.py --annotations 1e7 --labels 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from pmi_pipeline.cooccurrence import count_shards
+from pmi_pipeline.dask_cluster import dask_client
+from pmi_pipeline.shards import discover_shards
+from pmi_pipeline.synth import SynthConfig, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def best_of(repeat: int, fn):
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotations", type=float, default=1e7)
+    parser.add_argument("--labels", type=int, default=20000)
+    parser.add_argument("--shard-size", type=int, default=50000, help="examples per shard")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pmi-count-workers-") as tmp:
+        config = SynthConfig(n_annotations=int(args.annotations), n_labels=args.labels, shard_size=args.shard_size)
+        summary = write_corpus(Path(tmp) / "corpus", config, progress=False)
+        paths = discover_shards([Path(tmp) / "corpus"])
+        serial_s, reference = best_of(args.repeat, lambda: count_shards(paths).counts)
+        rows = [{"config": "in-process", "workers": 0, "seconds": serial_s}]
+        for workers in (1, 2):
+            with dask_client(n_workers=workers) as client:
+                count_shards(paths, client)  # warm-up: imports on the workers
+                seconds, counts = best_of(args.repeat, lambda c=client: count_shards(paths, c).counts)
+            assert counts.equals(reference), "Dask counts differ from in-process counts"
+            rows.append({"config": f"Dask LocalCluster, {workers} worker(s)", "workers": workers, "seconds": seconds})
+    for row in rows:
+        row["annotations_per_s"] = summary.n_annotations / row["seconds"]
+        row["speedup_vs_in_process"] = serial_s / row["seconds"]
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "cores": os.cpu_count(),
+        "n_annotations": summary.n_annotations,
+        "n_examples": summary.n_examples,
+        "n_labels": args.labels,
+        "n_shards": len(paths),
+        "n_pairs": reference.n_pairs,
+        "rows": rows,
+    }
+    out = ROOT / "bench" / "results" / f"count-workers-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(
+        f"{summary.n_annotations:.3g} annotations, {len(paths)} shards, {args.labels} labels, "
+        f"load average {result['load_average'][0]:.1f}"
+    )
+    print("| configuration | seconds | annotations/s | vs in-process |\n|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['config']} | {row['seconds']:.2f} | {row['annotations_per_s']:.3g} | "
+            f"{row['speedup_vs_in_process']:.2f}x |"
+        )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

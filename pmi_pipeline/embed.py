@@ -119,8 +119,7 @@ class EmbedResult:
 
 def new_shards(store_path: str | Path, paths: Sequence[str | Path]) -> list[Path]:
     """Shards whose content is not yet counted in the store's latest version (duplicates by content dropped)."""
-    manifest = EmbeddingStore(store_path).read_counts().manifest
-    return _split_new(paths, manifest)[0]
+    return _split_new(paths, EmbeddingStore(store_path).read_manifest())[0]
 
 
 def _split_new(paths: Sequence[str | Path], manifest: dict[str, Any]) -> tuple[list[Path], list[Path]]:
@@ -154,11 +153,11 @@ def embed(
         raise PipelineError(f"no Parquet shards found in {', '.join(map(str, shard_specs))}")
     store = EmbeddingStore(store_path)
     with store.lock(wait=wait):
-        prev_counts = store.read_counts()
-        todo, skipped = _split_new(paths, prev_counts.manifest)
+        todo, skipped = _split_new(paths, store.read_manifest())
         parent = store.latest
         if not todo and parent is not None and _same_params(store, parent, params):
             return _up_to_date(store, parent, skipped)
+        prev_counts = store.read_counts()
         counted = count_shards(todo, client, progress=(lambda d, t: progress("count", d, t)) if progress else None)
         for error in counted.rejected:
             log.error("rejected shard %s", error)

@@ -180,6 +180,19 @@ class EmbeddingStore:
         _, group = self._version_group(version)
         return dict(group.attrs)
 
+    def read_manifest(self, version: str | None = None) -> dict[str, Any]:
+        """The content hashes of the shards counted into a version (empty for a store with no version).
+
+        Reads attributes only, not the counts, so that finding new shards stays cheap however large the store.
+        """
+        if version is None and self.latest is None:
+            return {}
+        name, group = self._version_group(version)
+        try:
+            return dict(group["counts"].attrs["manifest"])
+        except KeyError as exc:
+            raise StoreError(f"{self.path}/versions/{name}: counts missing {exc}") from None
+
     def read_counts(self, version: str | None = None) -> Counts:
         """The accumulated counts a version was built from (empty counts for a store with no version)."""
         if version is None and self.latest is None:

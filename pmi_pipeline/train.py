@@ -755,24 +755,6 @@ def evaluate_run(
     """
     dev = resolve_device(device)
     model, cfg, payload = load_checkpoint(run_dir, dev)
-    if (store is not None or store_version is not None) and cfg.head == "cosine":
-        cfg = dataclasses.replace(
-            cfg, store=store or payload["store"]["path"] or cfg.store, store_version=store_version, device=device
-        )
-        inputs = load_inputs(cfg)
-        decoder = CosineDecoder(_store_embedding(inputs, cfg), dev)
-        X_test = _normalize_rows(inputs.X_test) if cfg.input_norm == "l2" else inputs.X_test
-        topk = predict_topk(
-            model,
-            X_test,
-            "cosine",
-            cfg.eval_k,
-            device=dev,
-            decoder=decoder,
-            batch_size=cfg.eval_batch_size,
-            amp=cfg.amp,
-        )
-        return _metrics_for(topk, inputs.Y_test, inputs, cfg)
     overrides: dict[str, Any] = {"device": device}
     if remove_invalid is not None:
         overrides["remove_invalid"] = remove_invalid
@@ -783,10 +765,15 @@ def evaluate_run(
     if data is not None:
         overrides["data"] = data
     store_info = payload["store"]
-    cfg = dataclasses.replace(cfg, store=store_info["path"] or cfg.store, **overrides)
-    cfg = dataclasses.replace(cfg, store_version=store_info["version"] or cfg.store_version)
+    other_version = (store is not None or store_version is not None) and cfg.head == "cosine"
+    cfg = dataclasses.replace(
+        cfg,
+        store=(store if other_version else None) or store_info["path"] or cfg.store,
+        store_version=store_version if other_version else (store_info["version"] or cfg.store_version),
+        **overrides,
+    )
     inputs = load_inputs(cfg)
-    if inputs.labels_digest != store_info["labels_digest"]:
+    if not other_version and inputs.labels_digest != store_info["labels_digest"]:
         raise StoreError(f"store {cfg.store} version {cfg.store_version}: vocabulary differs from the one trained on")
     emb = _store_embedding(inputs, cfg)
     decoder = CosineDecoder(emb, dev) if cfg.head == "cosine" else None

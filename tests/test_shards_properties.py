@@ -1,0 +1,93 @@
+"""Property-based tests of the shard reader: for any valid shard the counts equal a plain-Python reference, and
+any damage yields a ShardError (never another exception, never a partial result)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pmi_pipeline.cooccurrence import counts_from_annotations
+from pmi_pipeline.errors import ShardError
+from pmi_pipeline.shards import read_annotations
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+label_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12).filter(
+    lambda s: len(s.encode("utf-8")) <= 1024
+)
+examples = st.lists(
+    st.tuples(st.integers(-(2**40), 2**40), st.lists(label_text, min_size=1, max_size=6)), min_size=1, max_size=40
+)
+
+
+def reference(rows):
+    """Label and pair counts from a dict of sets, the obvious way."""
+    per_example: dict[int, set[str]] = {}
+    for example_id, labels in rows:
+        per_example.setdefault(example_id, set()).update(labels)
+    label_counts: dict[str, int] = {}
+    pair_counts: dict[tuple[str, str], int] = {}
+    for labels in per_example.values():
+        for label in labels:
+            label_counts[label] = label_counts.get(label, 0) + 1
+        for a, b in itertools.combinations(sorted(labels), 2):
+            pair_counts[a, b] = pair_counts.get((a, b), 0) + 1
+    return len(per_example), label_counts, pair_counts
+
+
+@SETTINGS
+@given(rows=examples, long_form=st.booleans())
+def test_counts_equal_reference_for_any_valid_shard(tmp_path, rows, long_form):
+    path = tmp_path / "shard.parquet"
+    if long_form:
+        pairs = [(example_id, label) for example_id, labels in rows for label in labels]
+        table = pa.table({"example_id": [p[0] for p in pairs], "label": [p[1] for p in pairs]})
+    else:
+        table = pa.table({"example_id": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+    pq.write_table(table, path)
+    counts = counts_from_annotations(read_annotations(path))
+    n, label_counts, pair_counts = reference(rows)
+    assert counts.n_examples == n
+    assert dict(zip(counts.labels.tolist(), counts.label_counts.tolist(), strict=True)) == label_counts
+    coo = counts.pairs.tocoo()
+    got = {(counts.labels[i], counts.labels[j]): int(v) for i, j, v in zip(coo.row, coo.col, coo.data, strict=True)}
+    assert got == pair_counts
+
+
+@SETTINGS
+@given(rows=examples, data=st.data())
+def test_damaged_files_fail_cleanly(tmp_path, rows, data):
+    path = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"example_id": [r[0] for r in rows], "labels": [r[1] for r in rows]}), path)
+    raw = bytearray(path.read_bytes())
+    damage = data.draw(st.sampled_from(["truncate", "flip", "zero"]))
+    if damage == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    elif damage == "flip":
+        for position in data.draw(st.lists(st.integers(0, len(raw) - 1), min_size=1, max_size=8)):
+            raw[position] ^= 0xFF
+    else:
+        start = data.draw(st.integers(0, len(raw) - 1))
+        raw[start : start + 64] = bytes(len(raw[start : start + 64]))
+    path.write_bytes(bytes(raw))
+    try:
+        ann = read_annotations(path)
+    except ShardError as error:
+        assert error.path == str(path)
+        return
+    # Damage that Parquet cannot detect (e.g. in uncompressed padding) may still read: then it must be consistent.
+    assert ann.example_codes.size == ann.label_codes.size
+    assert ann.label_codes.size == 0 or ann.label_codes.max() < ann.labels.size
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1e-9, 1.0000001, float("inf")])
+def test_any_bad_confidence_is_rejected(tmp_path, value):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"example_id": [1, 2], "label": ["a", "b"], "confidence": [0.5, value]}), path)
+    with pytest.raises(ShardError) as info:
+        read_annotations(path)
+    assert (info.value.row, info.value.column) == (1, "confidence")

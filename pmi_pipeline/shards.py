@@ -74,22 +74,25 @@ def discover_shards(specs: Iterable[str | Path]) -> list[Path]:
     found: set[Path] = set()
     for spec in specs:
         spec_path = Path(spec)
-        if (spec_path / "dataset.json").is_file() and (spec_path / IMPORT_TRAIN_SUBDIR).is_dir():
-            found.update(p for p in (spec_path / IMPORT_TRAIN_SUBDIR).rglob("*.parquet") if p.is_file())
-        elif spec_path.is_dir():
-            found.update(p for p in spec_path.rglob("*.parquet") if p.is_file())
-        elif spec_path.is_file():
-            found.add(spec_path)
+        if spec_path.exists():
+            matches = [spec_path]
         else:
             matches = [Path(m) for m in glob.glob(str(spec), recursive=True)]
             if not matches:
                 raise ShardError(spec_path, "no such file, directory or glob match")
-            for match in matches:
-                if match.is_dir():
-                    found.update(p for p in match.rglob("*.parquet") if p.is_file())
-                elif match.is_file():
-                    found.add(match)
+        for match in matches:
+            if match.is_dir():
+                found.update(_parquet_under(match))
+            elif match.is_file():
+                found.add(match)
     return sorted(p.resolve() for p in found)
+
+
+def _parquet_under(directory: Path) -> list[Path]:
+    """Parquet files below a directory; of an import directory, only its training annotations."""
+    if (directory / "dataset.json").is_file() and (directory / IMPORT_TRAIN_SUBDIR).is_dir():
+        directory = directory / IMPORT_TRAIN_SUBDIR
+    return [p for p in directory.rglob("*.parquet") if p.is_file()]
 
 
 def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
@@ -173,10 +176,7 @@ def read_annotations(path: str | Path, *, max_label_bytes: int = MAX_LABEL_BYTES
         table = parquet.read()
     except ShardError:
         raise
-    except OSError as exc:
-        # pyarrow raises ArrowInvalid (an OSError subclass... or ValueError) for corrupt/foreign files.
-        raise ShardError(path, f"not a readable Parquet file ({exc})") from None
-    except (pa.ArrowException, ValueError) as exc:
+    except (OSError, pa.ArrowException, ValueError) as exc:  # pyarrow's errors for empty, corrupt or foreign files
         raise ShardError(path, f"not a readable Parquet file ({exc})") from None
 
     n_rows = table.num_rows

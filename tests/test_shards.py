@@ -132,5 +132,7 @@ def test_discover_shards(tmp_path, bibtex_dir):
     # an import directory contributes its training annotations only: test labels must not leak
     found = discover_shards([bibtex_dir])
     assert found and all("annotations/train" in str(p) for p in found)
+    # also when a glob matches the import directory
+    assert discover_shards([str(bibtex_dir.parent / "bib*")]) == found
     with pytest.raises(ShardError, match="no such file"):
         discover_shards([tmp_path / "missing"])

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -74,9 +75,13 @@ def find_shards(specs: list[str]) -> list[str]:
 )
 def select_new_shards(store: str, shards: list[str]) -> list[str]:
     """The shards whose content hash is not in the store's latest manifest (all of them for a new store)."""
-    from pmi_pipeline.embed import new_shards
+    from pmi_pipeline.embed import split_new
+    from pmi_pipeline.store import EmbeddingStore
 
-    return [str(p) for p in new_shards(store, shards)]
+    listing = split_new(shards, EmbeddingStore(store).read_manifest())
+    for error in listing.changed:  # reported again, as rejected, by the run that publishes
+        get_run_logger().error("rejected %s", error)
+    return [str(p) for p in listing.new]
 
 
 def _shard_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -90,6 +95,16 @@ def _shard_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 
     where = hashlib.sha256(str(Path(parameters["cache_dir"]).resolve()).encode()).hexdigest()[:12]
     return f"pmi-count-{__version__}-{shard_hash(parameters['shard']).removeprefix('sha256:')}-{where}"
+
+
+def example_ids_path(counts_path: Path) -> Path:
+    return counts_path.with_name(counts_path.name.removesuffix(".npz") + ".ids.npy")
+
+
+def save_example_ids(counts_path: Path, ids: np.ndarray) -> None:
+    tmp = counts_path.with_name(f".{counts_path.name}.ids.tmp.npy")
+    np.save(tmp, ids)
+    tmp.replace(example_ids_path(counts_path))
 
 
 def _count_run_name() -> str:
@@ -111,19 +126,19 @@ def count_shard_task(shard: str, cache_dir: str) -> dict[str, Any]:
     A shard that breaks the contract is returned as an error (not raised): it is never worth a retry and must
     not stop the other shards.
     """
-    from pmi_pipeline.cooccurrence import count_shard
+    from pmi_pipeline.cooccurrence import count_shard_with_ids
     from pmi_pipeline.errors import ShardError
-    from pmi_pipeline.shards import shard_hash
 
     logger = get_run_logger()
-    digest = shard_hash(shard)
-    out = Path(cache_dir) / f"{digest.removeprefix('sha256:')}.npz"
     try:
-        counts = count_shard(shard)
+        counts, ids = count_shard_with_ids(shard)
     except ShardError as exc:
         logger.error("rejected %s", exc)
-        return {"shard": shard, "hash": digest, "counts": None, "error": str(exc)}
+        return {"shard": shard, "hash": None, "counts": None, "error": str(exc)}
+    digest = next(iter(counts.manifest))  # the hash of the bytes that were counted
+    out = Path(cache_dir) / f"{digest.removeprefix('sha256:')}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
+    save_example_ids(out, ids)  # first: a counts file without its ids is never taken as complete
     counts.save(out)
     logger.info(
         "%s: %d examples, %d labels, %d pairs",
@@ -144,16 +159,20 @@ def count_shard_task(shard: str, cache_dir: str) -> dict[str, Any]:
 )
 def publish_version(store: str, counted: list[dict[str, Any]], params: dict[str, Any] | None) -> dict[str, Any]:
     """Add the new shards' counts to the store's and publish a new version (PMI, factorization, alignment)."""
-    from pmi_pipeline.cooccurrence import Counts, count_shard
+    from pmi_pipeline.cooccurrence import Counts, count_shard_with_ids
     from pmi_pipeline.embed import EmbedParams, publish_counts
 
     logger = get_run_logger()
     parts = []
     for item in counted:
-        path = item["counts"]
-        # A cached result whose file has been removed since: count again rather than fail.
-        parts.append(Counts.load(path) if Path(path).exists() else count_shard(item["shard"]))
-    counts = Counts.sum(parts)
+        path = Path(item["counts"])
+        ids_path = example_ids_path(path)
+        if path.exists() and ids_path.exists():
+            counts = Counts.load(path)
+            counts.manifest = {k: {**v, "path": item["shard"]} for k, v in counts.manifest.items()}
+            parts.append((counts, np.load(ids_path)))
+        else:  # a cached result whose files have been removed since: count again rather than fail
+            parts.append(count_shard_with_ids(item["shard"]))
     embed_params = EmbedParams.from_dict(params) if params else _parent_params(store)
     progress = create_progress_artifact(
         0.0, key="embed-factorization", description=f"Factorizing the PMI matrix (k={embed_params.dim})"
@@ -165,7 +184,7 @@ def publish_version(store: str, counted: list[dict[str, Any]], params: dict[str,
 
     t0 = time.perf_counter()
     with cluster_client() as client:
-        result = publish_counts(store, counts, embed_params, client=client, progress=report)
+        result = publish_counts(store, parts, embed_params, client=client, progress=report)
     update_progress_artifact(progress, 100.0)
     logger.info("published %s in %.1f s", result.version, time.perf_counter() - t0)
     return result.to_dict()

@@ -45,8 +45,16 @@ def check_store(path: str | Path, versions: list[str] | None = None) -> list[Pro
     names = store.versions()
     if latest is not None and latest not in names:
         problems.append(Problem("store", f"latest names {latest!r}, which is not a complete version"))
-    if latest is None and names:
-        problems.append(Problem("store", f"latest is unset but versions exist: {', '.join(names)}"))
+    unpublished = store.unpublished()
+    if unpublished:
+        problems.append(
+            Problem(
+                "store",
+                f"version(s) written but never made latest, by a writer killed while publishing (removed by the "
+                f"next publish): {', '.join(unpublished)}",
+                "warning",
+            )
+        )
     leftovers = sorted(p.name for p in (store.path / "versions").glob(".tmp-*"))
     if leftovers:
         problems.append(
@@ -81,11 +89,20 @@ def _check_version(path: Path, name: str) -> list[Problem]:
         n: _read(counts, n, f"{name}/counts", problems)
         for n in ("labels", "label_counts", "pair_row", "pair_col", "pair_count")
     }
+    id_arrays = (
+        {n: _read(group["example_ids"], n, f"{name}/example_ids", problems) for n in ("hash", "shard")}
+        if "example_ids" in group
+        else {}
+    )
     checksums = attrs.get("checksums")
     if not checksums:
         problems.append(Problem(name, "no checksums recorded (written by an older pmi-pipeline)", "warning"))
     else:
-        for key, data in [*arrays.items(), *((f"counts/{k}", v) for k, v in count_arrays.items())]:
+        for key, data in [
+            *arrays.items(),
+            *((f"counts/{k}", v) for k, v in count_arrays.items()),
+            *((f"example_ids/{k}", v) for k, v in id_arrays.items()),
+        ]:
             if data is not None and checksums.get(key) != array_checksum(data):
                 problems.append(Problem(f"{name}/{key}", "contents do not match the checksum recorded at publish"))
     if any(v is None for v in [*arrays.values(), *count_arrays.values()]):
@@ -136,4 +153,28 @@ def _check_version(path: Path, name: str) -> list[Problem]:
         problems.append(Problem(name, f"n_examples {attrs.get('n_examples')} differs from the counts' {n_examples}"))
     if "shard_hashes" in attrs and sorted(attrs["shard_hashes"]) != sorted(manifest):
         problems.append(Problem(name, "shard_hashes differ from the counts' manifest"))
+    problems.extend(_check_example_ids(group, id_arrays, manifest, n_examples, name))
+    return problems
+
+
+def _check_example_ids(
+    group: zarr.Group, arrays: dict[str, np.ndarray | None], manifest: dict, n_examples: int | None, name: str
+) -> list[Problem]:
+    """The example-id index: one distinct fingerprint per counted example, each owned by a counted shard."""
+    where = f"{name}/example_ids"
+    if not arrays:
+        return [Problem(where, "no example-id index (an older pmi-pipeline): repeats cannot be detected", "warning")]
+    hashes, shard = arrays["hash"], arrays["shard"]
+    if hashes is None or shard is None:
+        return []
+    shards = list(group["example_ids"].attrs.get("shards", []))
+    problems = []
+    if hashes.shape != shard.shape or hashes.size != n_examples:
+        problems.append(Problem(where, f"{hashes.size} fingerprints for {n_examples} examples"))
+    elif hashes.size and np.any(hashes[1:] <= hashes[:-1]):
+        problems.append(Problem(where, "fingerprints are not strictly increasing (an example counted twice?)"))
+    if shard.size and (shard.min() < 0 or shard.max() >= len(shards)):
+        problems.append(Problem(where, "a fingerprint names a shard that is not listed"))
+    if sorted(shards) != sorted(manifest):
+        problems.append(Problem(where, "the indexed shards differ from the counts' manifest"))
     return problems

@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from pmi_pipeline.errors import ShardError
-from pmi_pipeline.shards import Annotations, read_annotations
+from pmi_pipeline.example_ids import ExampleIndex, Repeat, find_repeats, hash_example_ids
+from pmi_pipeline.faults import fault_point
+from pmi_pipeline.shards import ID_COLUMN, Annotations, read_annotations
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -215,15 +218,21 @@ def counts_from_annotations(ann: Annotations) -> Counts:
     return Counts(ann.labels, label_counts, pairs, ann.n_examples, manifest)
 
 
-def count_shard(path: str | Path) -> Counts:
+def count_shard(path: str | Path, expected_sha256: str | None = None) -> Counts:
     """Validate and count one shard, in its own sorted vocabulary (so the result is cacheable by content hash)."""
-    return counts_from_annotations(read_annotations(path))
+    return counts_from_annotations(read_annotations(path, expected_sha256=expected_sha256))
 
 
-def _count_or_error(path: str) -> Counts | ShardError:
+def count_shard_with_ids(path: str | Path, expected_sha256: str | None = None) -> tuple[Counts, np.ndarray]:
+    """:func:`count_shard` and the shard's example-id fingerprints (sorted uint64), for the repeat check."""
+    ann = read_annotations(path, expected_sha256=expected_sha256)
+    return counts_from_annotations(ann), ann.example_ids
+
+
+def _count_or_error(path: str, expected_sha256: str | None) -> tuple[Counts, np.ndarray] | ShardError:
     # Returned, not raised, so that one bad shard does not cancel the other tasks.
     try:
-        return count_shard(path)
+        return count_shard_with_ids(path, expected_sha256)
     except ShardError as exc:
         return exc
 
@@ -232,11 +241,32 @@ def _merge_pair(a: Counts, b: Counts) -> Counts:
     return a.merge(b, sorted_union=True)
 
 
+def _first(pair: tuple[Counts, np.ndarray]) -> Counts:
+    return pair[0]
+
+
 @dataclass
 class CountResult:
     counts: Counts  # in sorted vocabulary order
     rejected: list[ShardError]
     seconds: float
+    example_ids: dict[str, np.ndarray] = field(default_factory=dict)  # content hash -> fingerprints, counted shards
+
+
+def repeat_error(path: str | Path, repeat: Repeat, other: str) -> ShardError:
+    """The error for a shard that repeats an earlier shard's example: names the first repeated id's row."""
+    ids = pq.read_table(path, columns=[ID_COLUMN]).column(ID_COLUMN).combine_chunks()
+    rows = np.flatnonzero(hash_example_ids(ids) == np.uint64(repeat.fingerprint))
+    row = int(rows[0]) if rows.size else None
+    shown = repr(ids[row].as_py()) if row is not None else f"fingerprint {repeat.fingerprint:#x}"
+    more = f" ({repeat.n_repeated} repeated ids in all)" if repeat.n_repeated > 1 else ""
+    return ShardError(
+        path,
+        f"example id {shown} is already counted from {other}{more}: an example's annotations must live in one "
+        "shard, so this shard is not counted",
+        row=row,
+        column=ID_COLUMN,
+    )
 
 
 def count_shards(
@@ -244,34 +274,48 @@ def count_shards(
     client: Client | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
+    expected_hashes: Sequence[str] | None = None,
+    index: ExampleIndex | None = None,
+    names: dict[str, str] | None = None,
 ) -> CountResult:
     """Count shards and sum them. Bad shards are collected in ``rejected`` and contribute nothing.
 
     With a Dask ``client`` each shard is a task and the sum is a tree of merge tasks on the workers, so only the
-    final counts travel back; without one, shards are counted one after another in this process.
-    ``progress(done, total)`` is called as shards finish.
+    final counts and the example-id fingerprints (8 bytes per example) travel back; without one, shards are counted
+    one after another in this process. ``progress(done, total)`` is called as shards finish.
+
+    ``expected_hashes`` (one per path: the hash it was listed with) rejects a shard that changed since. A shard
+    that repeats an example id of ``index`` (the store's counted examples) or of an earlier path is rejected too;
+    ``names`` maps the index's shard hashes to paths for that message.
     """
     start = time.perf_counter()
     paths = [str(p) for p in paths]
+    expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
     total = len(paths)
     rejected: list[ShardError] = []
+    good: dict[int, Any] = {}  # path position -> Counts (in-process) or a future of (Counts, fingerprints)
+    fingerprints: dict[int, np.ndarray] = {}
+    digests: dict[int, str] = {}
+    done = 0
     if client is None:
-        parts: list[Counts] = []
         for i, path in enumerate(paths):
-            result = _count_or_error(path)
+            result = _count_or_error(path, expected[i])
             if isinstance(result, ShardError):
                 rejected.append(result)
             else:
-                parts.append(result)
+                good[i], fingerprints[i] = result
+                digests[i] = next(iter(result[0].manifest))
+            done += 1
+            fault_point("count:shard-done")
             if progress:
-                progress(i + 1, total)
-        counts = Counts.sum(parts)
+                progress(done, total)
     else:
         from distributed import as_completed
 
-        futures = client.map(_count_or_error, paths, pure=False, key=[f"count-shard-{i}" for i in range(total)])
-        good = []
-        done = 0
+        futures = client.map(
+            _count_or_error, paths, expected, pure=False, key=[f"count-shard-{i}" for i in range(total)]
+        )
+        position = {f.key: i for i, f in enumerate(futures)}
         for future in as_completed(futures):
             error = future.exception()
             if error is not None:
@@ -281,18 +325,47 @@ def count_shards(
                 rejected.append(future.result())
                 future.release()
             else:
-                good.append(future)
+                i = position[future.key]
+                good[i] = future
+                ids_future = client.submit(_second, future, pure=False)
+                fingerprints[i] = ids_future.result()
+                digests[i] = client.submit(_digest, future, pure=False).result()
             done += 1
+            fault_point("count:shard-done")
             if progress:
                 progress(done, total)
+
+    # Example ids repeated across shards: decided in the paths' order, so the outcome never depends on timing.
+    order = sorted(good)
+    repeats = find_repeats(index or ExampleIndex.empty(), [(str(i), fingerprints[i]) for i in order])
+    names = names or {}
+    for repeat in repeats:
+        i = int(repeat.shard)
+        other = paths[int(repeat.other)] if repeat.other.isdigit() else names.get(repeat.other, repeat.other)
+        rejected.append(repeat_error(paths[i], repeat, f"shard {other}"))
+        del good[i]
+    kept = sorted(good)
+    if client is None:
+        counts = Counts.sum([good[i] for i in kept])
+    else:
         # Merge in the paths' order, pairwise, on the workers: the same tree whatever the completion order.
-        order = {f.key: i for i, f in enumerate(futures)}
-        level = sorted(good, key=lambda f: order[f.key])
+        level = [client.submit(_first, good[i], pure=False) for i in kept]
         while len(level) > 1:
             level = [
                 client.submit(_merge_pair, level[i], level[i + 1], pure=False) if i + 1 < len(level) else level[i]
                 for i in range(0, len(level), 2)
             ]
         counts = level[0].result() if level else Counts.empty()
-    rejected.sort(key=lambda e: e.path)
-    return CountResult(counts.sorted(), rejected, time.perf_counter() - start)
+    rejected.sort(key=lambda e: str(e.path))
+    fault_point("count:merged")
+    return CountResult(
+        counts.sorted(), rejected, time.perf_counter() - start, {digests[i]: fingerprints[i] for i in kept}
+    )
+
+
+def _second(pair: tuple[Counts, np.ndarray]) -> np.ndarray:
+    return pair[1]
+
+
+def _digest(pair: tuple[Counts, np.ndarray]) -> str:
+    return next(iter(pair[0].manifest))

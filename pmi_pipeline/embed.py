@@ -10,6 +10,7 @@ seen for the first time get their place from their co-occurrences with known lab
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -20,8 +21,9 @@ import numpy as np
 import scipy.linalg
 
 from pmi_pipeline import __version__
-from pmi_pipeline.cooccurrence import Counts, count_shards
-from pmi_pipeline.errors import PipelineError, StoreError
+from pmi_pipeline.cooccurrence import Counts, count_shards, repeat_error
+from pmi_pipeline.errors import PipelineError, ShardError, StoreError
+from pmi_pipeline.example_ids import ExampleIndex, find_repeats
 from pmi_pipeline.factorize import FactorizeParams, factorize
 from pmi_pipeline.pmi import PMIParams, pmi_matrix
 from pmi_pipeline.shards import discover_shards, shard_hash
@@ -119,19 +121,47 @@ class EmbedResult:
 
 def new_shards(store_path: str | Path, paths: Sequence[str | Path]) -> list[Path]:
     """Shards whose content is not yet counted in the store's latest version (duplicates by content dropped)."""
-    return _split_new(paths, EmbeddingStore(store_path).read_manifest())[0]
+    return list(split_new(paths, EmbeddingStore(store_path).read_manifest()).new)
 
 
-def _split_new(paths: Sequence[str | Path], manifest: dict[str, Any]) -> tuple[list[Path], list[Path]]:
-    new, skipped, seen = [], [], set(manifest)
-    for path in paths:
+@dataclass
+class ShardListing:
+    """Listed shards sorted out against a store's manifest."""
+
+    new: dict[Path, str] = field(default_factory=dict)  # path -> content hash, to count
+    skipped: list[Path] = field(default_factory=list)  # content already counted
+    changed: list[ShardError] = field(default_factory=list)  # a counted path whose content is different now
+
+
+def split_new(paths: Sequence[str | Path], manifest: dict[str, Any]) -> ShardListing:
+    """Which shards are new, already counted (by content), or changed since they were counted at the same path.
+
+    A changed shard is not counted: its old content is in the counts, which cannot be taken out again, so counting
+    the new content would count its unchanged examples twice. Rename it if it really is new data.
+    """
+    listing, seen = ShardListing(), set(manifest)
+    counted_at = {_abs(entry["path"]): digest for digest, entry in manifest.items() if entry.get("path")}
+    for path in map(Path, paths):
         digest = shard_hash(path)
         if digest in seen:
-            skipped.append(Path(path))
+            listing.skipped.append(path)
+        elif _abs(path) in counted_at:
+            listing.changed.append(
+                ShardError(
+                    path,
+                    f"changed after it was counted (now {digest[:19]}..., counted as "
+                    f"{counted_at[_abs(path)][:19]}...): its old content is in the counts and cannot be taken out, "
+                    "so the new content is not counted; write new data under a new name, or re-embed into a new store",
+                )
+            )
         else:
             seen.add(digest)
-            new.append(Path(path))
-    return new, skipped
+            listing.new[path] = digest
+    return listing
+
+
+def _abs(path: str | Path) -> str:
+    return os.path.abspath(path)
 
 
 def embed(
@@ -153,21 +183,43 @@ def embed(
         raise PipelineError(f"no Parquet shards found in {', '.join(map(str, shard_specs))}")
     store = EmbeddingStore(store_path)
     with store.lock(wait=wait):
-        todo, skipped = _split_new(paths, store.read_manifest())
+        manifest = store.read_manifest()
+        listing = split_new(paths, manifest)
         parent = store.latest
-        if not todo and parent is not None and _same_params(store, parent, params):
-            return _up_to_date(store, parent, skipped)
+        if not listing.new and parent is not None and _same_params(store, parent, params):
+            for error in listing.changed:
+                log.error("rejected shard %s", error)
+            result = _up_to_date(store, parent, listing.skipped)
+            result.rejected = [str(e) for e in listing.changed]
+            return result
         prev_counts = store.read_counts()
-        counted = count_shards(todo, client, progress=(lambda d, t: progress("count", d, t)) if progress else None)
-        for error in counted.rejected:
+        index = store.read_example_index()
+        counted = count_shards(
+            list(listing.new),
+            client,
+            progress=(lambda d, t: progress("count", d, t)) if progress else None,
+            expected_hashes=list(listing.new.values()),
+            index=index,
+            names={digest: str(entry.get("path")) for digest, entry in manifest.items()},
+        )
+        rejected = sorted([*listing.changed, *counted.rejected], key=lambda e: str(e.path))
+        for error in rejected:
             log.error("rejected shard %s", error)
         if counted.counts.n_examples == 0 and prev_counts.n_examples == 0:
-            detail = "; ".join(str(e) for e in counted.rejected[:3])
+            detail = "; ".join(str(e) for e in rejected[:3])
             raise PipelineError(f"nothing to embed: no valid annotations in {len(paths)} shard(s). {detail}")
-        result = _publish_locked(store, prev_counts, counted.counts, params, client, progress=progress)
-        result.new_shards = [str(p) for p in todo if str(p) not in {e.path for e in counted.rejected}]
-        result.skipped_shards = [str(p) for p in skipped]
-        result.rejected = [str(e) for e in counted.rejected]
+        if not counted.counts.manifest and parent is not None and _same_params(store, parent, params):
+            result = _up_to_date(store, parent, listing.skipped)  # every new shard was rejected
+            result.rejected = [str(e) for e in rejected]
+            result.message = f"nothing new: {len(rejected)} shard(s) rejected, {parent} is unchanged"
+            return result
+        result = _publish_locked(
+            store, prev_counts, counted.counts, params, client, progress=progress, index=index.add(counted.example_ids)
+        )
+        rejected_paths = {str(e.path) for e in rejected}
+        result.new_shards = [str(p) for p in listing.new if str(p) not in rejected_paths]
+        result.skipped_shards = [str(p) for p in listing.skipped]
+        result.rejected = [str(e) for e in rejected]
         result.n_new_annotations = counted.counts.n_annotations
         result.timings = {"count_s": round(counted.seconds, 3), **result.timings}
         return result
@@ -175,26 +227,47 @@ def embed(
 
 def publish_counts(
     store_path: str | Path,
-    new_counts: Counts,
+    parts: Sequence[tuple[Counts, np.ndarray]],
     params: EmbedParams = EmbedParams(),
     client: Client | None = None,
     *,
     progress: Progress | None = None,
     wait: bool = True,
 ) -> EmbedResult:
-    """Add already-counted shards (e.g. cached per-shard counts, summed) to the store and publish a version."""
+    """Add already-counted shards to the store and publish a version.
+
+    ``parts`` are per-shard counts with their example-id fingerprints (:func:`count_shard_with_ids`, e.g. cached
+    by a flow), in priority order: a shard that repeats an example id of the store or of an earlier part is
+    rejected, as in :func:`embed`.
+    """
     store = EmbeddingStore(store_path)
     with store.lock(wait=wait):
-        prev_counts = store.read_counts()
-        overlap = set(prev_counts.manifest) & set(new_counts.manifest)
+        manifest = store.read_manifest()
+        keys = [next(iter(c.manifest)) for c, _ in parts]
+        overlap = set(manifest) & set(keys)
         if overlap:
             raise StoreError(
                 f"{store.path}: {len(overlap)} shard(s) are already counted in version "
                 f"{store.latest} (e.g. {sorted(overlap)[0]}); a concurrent run may have added them"
             )
-        result = _publish_locked(store, prev_counts, new_counts.sorted(), params, client, progress=progress)
+        prev_counts, index = store.read_counts(), store.read_example_index()
+        repeats = find_repeats(index, [(str(i), ids) for i, (_, ids) in enumerate(parts)])
+        names = {digest: str(entry.get("path")) for digest, entry in manifest.items()}
+        path_of = [str(c.manifest[k].get("path")) for (c, _), k in zip(parts, keys, strict=True)]
+        rejected = []
+        for repeat in repeats:
+            other = path_of[int(repeat.other)] if repeat.other.isdigit() else names.get(repeat.other, repeat.other)
+            rejected.append(repeat_error(path_of[int(repeat.shard)], repeat, f"shard {other}"))
+        dropped = {int(r.shard) for r in repeats}
+        kept = [part for i, part in enumerate(parts) if i not in dropped]
+        new_counts = Counts.sum(c for c, _ in kept)
+        if new_counts.n_examples == 0 and prev_counts.n_examples == 0:
+            raise PipelineError(f"nothing to embed: {'; '.join(str(e) for e in rejected[:3]) or 'no shards'}")
+        new_index = index.add({next(iter(c.manifest)): ids for c, ids in kept})
+        result = _publish_locked(store, prev_counts, new_counts, params, client, progress=progress, index=new_index)
         result.n_new_annotations = new_counts.n_annotations
         result.new_shards = sorted(str(v.get("path")) for v in new_counts.manifest.values())
+        result.rejected = [str(e) for e in rejected]
         return result
 
 
@@ -229,6 +302,7 @@ def _publish_locked(
     client: Client | None,
     *,
     progress: Progress | None = None,
+    index: ExampleIndex | None = None,
 ) -> EmbedResult:
     timings: dict[str, float] = {}
     total = prev_counts.merge(new_counts)  # the stored vocabulary order, new labels appended sorted
@@ -282,6 +356,7 @@ def _publish_locked(
         eigenvalues=fact.eigenvalues,
         counts=total,
         attrs=attrs,
+        example_index=index,
     )
     timings["publish_s"] = round(time.perf_counter() - start, 3)
     log.info(

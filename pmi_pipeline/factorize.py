@@ -34,6 +34,8 @@ import scipy.linalg
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from pmi_pipeline.faults import fault_point
+
 if TYPE_CHECKING:
     from distributed import Client
 
@@ -168,6 +170,7 @@ def randomized_eigh(
             shift = float(spectral_shift)
     for i in range(n_power_iter):
         q = step(q, shift)
+        fault_point("factorize:iteration")
         if progress:
             progress(f"power iteration {i + 1}/{n_power_iter}")
     small = _projected(a_dask, q)

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pmi_pipeline.errors import ShardError
+from pmi_pipeline.example_ids import hash_example_ids
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Annotations:
     label_codes: np.ndarray  # (nnz,) int64, in [0, m_local)
     n_examples: int
     n_rows: int  # rows in the file, before dropping negatives and repeats
+    example_ids: np.ndarray  # (n_examples,) uint64 fingerprints of the example ids, sorted (see example_ids.py)
 
     @property
     def n_annotations(self) -> int:
@@ -161,17 +163,27 @@ def _check_utf8(path: Path, strings: pa.Array, column: str, row_of: np.ndarray |
             raise ShardError(path, "not valid UTF-8", row=row, column=column) from None
 
 
-def read_annotations(path: str | Path, *, max_label_bytes: int = MAX_LABEL_BYTES) -> Annotations:
+def read_annotations(
+    path: str | Path, *, expected_sha256: str | None = None, max_label_bytes: int = MAX_LABEL_BYTES
+) -> Annotations:
     """Read one shard, validate it against the contract and encode it as integer pairs.
 
     Raises :class:`ShardError` on the first violation: unreadable or non-Parquet file, missing or unknown
     columns, wrong types, nulls, empty label lists, empty or over-long labels, invalid UTF-8, NaN or
-    out-of-range confidence.
+    out-of-range confidence; or, with ``expected_sha256`` (the hash the shard had when it was listed), if the
+    file changed since. The bytes are read once, and the hash and the counts come from the same bytes.
     """
     path = Path(path)
     try:
-        sha = shard_hash(path)
-        parquet = pq.ParquetFile(path)
+        data = path.read_bytes()
+        sha = "sha256:" + hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256:
+            raise ShardError(
+                path,
+                f"changed after it was listed (content {sha[:19]}..., listed as {expected_sha256[:19]}...): "
+                "not counted; the next run counts its new content",
+            )
+        parquet = pq.ParquetFile(pa.BufferReader(data))
         label_column = _check_schema(path, parquet.schema_arrow)
         table = parquet.read()
     except ShardError:
@@ -254,7 +266,8 @@ def read_annotations(path: str | Path, *, max_label_bytes: int = MAX_LABEL_BYTES
         )
 
     # Encode examples and labels as integer codes.
-    example_of_row = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    encoded_ids = pc.dictionary_encode(ids)
+    example_of_row = encoded_ids.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     example_of_value = example_of_row if row_of_value is None else example_of_row[row_of_value]
     if keep_rows is not None:
         keep_values = keep_rows if row_of_value is None else keep_rows[row_of_value]
@@ -286,6 +299,7 @@ def read_annotations(path: str | Path, *, max_label_bytes: int = MAX_LABEL_BYTES
         label_codes=pair_keys % n_local,
         n_examples=int(present.sum()),
         n_rows=n_rows,
+        example_ids=np.sort(hash_example_ids(encoded_ids.dictionary)[present]),
     )
 
 

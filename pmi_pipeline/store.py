@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from zarr.storage import LocalStore
 
 from pmi_pipeline.cooccurrence import Counts
 from pmi_pipeline.errors import StoreError
+from pmi_pipeline.example_ids import ExampleIndex
+from pmi_pipeline.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class EmbeddingVersion:
 
     def index(self) -> dict[str, int]:
         return {label: i for i, label in enumerate(self.labels)}
+
+
+_JSON_TMP = re.compile(r"^\.zarr\.json\.[0-9a-f]{32}\.tmp$")  # _write_json_atomic's temporary files
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -153,6 +158,15 @@ class EmbeddingStore:
         names = [p.name for p in root.iterdir() if VERSION_PATTERN.match(p.name) and (p / "zarr.json").is_file()]
         return sorted(names, key=lambda n: int(VERSION_PATTERN.match(n).group(1)))
 
+    def unpublished(self) -> list[str]:
+        """Complete versions newer than ``latest``: left by a writer killed between the rename and ``latest``.
+
+        No reader following ``latest`` ever saw them; the next publish removes them and reuses the number.
+        """
+        latest = self.latest
+        floor = int(VERSION_PATTERN.match(latest).group(1)) if latest else 0
+        return [n for n in self.versions() if int(VERSION_PATTERN.match(n).group(1)) > floor]
+
     def _version_group(self, version: str | None) -> tuple[str, zarr.Group]:
         name = version or self._root_meta()["attributes"].get("latest")
         if name is None:
@@ -194,28 +208,70 @@ class EmbeddingStore:
             raise StoreError(f"{self.path}/versions/{name}: counts missing {exc}") from None
 
     def read_counts(self, version: str | None = None) -> Counts:
-        """The accumulated counts a version was built from (empty counts for a store with no version)."""
+        """The accumulated counts a version was built from (empty counts for a store with no version).
+
+        Verified against the checksums recorded at publish: new counts are added to these, so a damaged store
+        must stop a writer rather than be carried into every later version.
+        """
         if version is None and self.latest is None:
             return Counts.empty()
         name, group = self._version_group(version)
-        try:
-            counts = group["counts"]
-            labels = np.asarray([str(x) for x in counts["labels"][...]], dtype=object)
-            m = labels.size
-            pairs = sp.csr_matrix(
-                (counts["pair_count"][...], (counts["pair_row"][...], counts["pair_col"][...])),
-                shape=(m, m),
-                dtype=np.int64,
+        names = ("labels", "label_counts", "pair_row", "pair_col", "pair_count")
+        arrays = self._verified(name, group, "counts", names)
+        counts = group["counts"]
+        labels = np.asarray([str(x) for x in arrays["labels"]], dtype=object)
+        m = labels.size
+        pairs = sp.csr_matrix(
+            (arrays["pair_count"], (arrays["pair_row"], arrays["pair_col"])), shape=(m, m), dtype=np.int64
+        )
+        return Counts(
+            labels, arrays["label_counts"], pairs, int(counts.attrs["n_examples"]), dict(counts.attrs["manifest"])
+        )
+
+    def read_example_index(self, version: str | None = None) -> ExampleIndex:
+        """Fingerprints of the examples counted into a version (empty for no version; verified like the counts)."""
+        if version is None and self.latest is None:
+            return ExampleIndex.empty()
+        name, group = self._version_group(version)
+        if "example_ids" not in group:
+            log.warning(
+                "%s/versions/%s has no example-id index (written by an older pmi-pipeline): example ids repeated "
+                "from its shards cannot be detected",
+                self.path,
+                name,
             )
-            return Counts(
-                labels,
-                counts["label_counts"][...],
-                pairs,
-                int(counts.attrs["n_examples"]),
-                dict(counts.attrs["manifest"]),
-            )
-        except KeyError as exc:
-            raise StoreError(f"{self.path}/versions/{name}: counts missing {exc}") from None
+            return ExampleIndex.empty()
+        arrays = self._verified(name, group, "example_ids", ("hash", "shard"))
+        return ExampleIndex(
+            arrays["hash"].astype(np.uint64),
+            arrays["shard"].astype(np.int32),
+            list(group["example_ids"].attrs["shards"]),
+        )
+
+    def _verified(self, name: str, group: zarr.Group, sub: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+        where = f"{self.path}/versions/{name}/{sub}"
+        checksums = group.attrs.get("checksums", {})
+        arrays = {}
+        for n in names:
+            try:
+                data = np.asarray(group[sub][n][...])
+            except KeyError:
+                raise StoreError(
+                    f"{where}: missing array {n!r}; the store is damaged (see `pmi-pipeline check`)"
+                ) from None
+            except Exception as exc:  # a chunk that does not decode
+                raise StoreError(
+                    f"{where}/{n}: unreadable ({type(exc).__name__}: {exc}); the store is damaged "
+                    "(see `pmi-pipeline check`)"
+                ) from None
+            recorded = checksums.get(f"{sub}/{n}")
+            if recorded is not None and recorded != array_checksum(data):
+                raise StoreError(
+                    f"{where}/{n}: contents do not match the checksum recorded at publish; the store is damaged "
+                    "(see `pmi-pipeline check`), and nothing is added to damaged counts"
+                )
+            arrays[n] = data
+        return arrays
 
     # -- writing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -255,13 +311,14 @@ class EmbeddingStore:
         if self.exists():
             self._root_meta()  # refuses a foreign store
             return
-        if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
+        if self.path.exists() and not self._only_a_killed_create():
             raise StoreError(f"{self.path}: exists and is not an embedding store; refusing to write into it")
         # Written by hand, not with zarr's mode="w", which would empty the directory (and our held lock file).
         (self.path / "versions").mkdir(parents=True, exist_ok=True)
         _write_json_atomic(
             self.path / "versions" / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}}
         )
+        fault_point("publish:store-created")
         _write_json_atomic(
             self.path / "zarr.json",
             {
@@ -271,14 +328,38 @@ class EmbeddingStore:
             },
         )
 
+    def _only_a_killed_create(self) -> bool:
+        """Whether the directory holds nothing but the lock and what a writer killed in :meth:`_ensure_root` left.
+
+        That is ``versions/`` with at most its ``zarr.json`` (and temporary files of the atomic JSON writes): a
+        store whose root metadata was never written, which the next writer completes instead of refusing.
+        """
+        for entry in self.path.iterdir():
+            if entry.name == ".lock" or _JSON_TMP.match(entry.name):
+                continue
+            if entry.name == "versions" and entry.is_dir():
+                if all(e.name == "zarr.json" or _JSON_TMP.match(e.name) for e in entry.iterdir()):
+                    continue
+            return False
+        return True
+
     def _next_name(self) -> str:
         existing = [int(VERSION_PATTERN.match(n).group(1)) for n in self.versions()]
         return f"v{(max(existing) + 1) if existing else 1:04d}"
 
     def _remove_leftovers(self) -> None:
+        for tmp in [*self.path.glob(".zarr.json.*.tmp"), *(self.path / "versions").glob(".zarr.json.*.tmp")]:
+            if _JSON_TMP.match(tmp.name):  # a metadata write killed before its rename; the old file is intact
+                tmp.unlink(missing_ok=True)
         for tmp in (self.path / "versions").glob(".tmp-*"):
             log.warning("removing %s, left by a writer that did not finish", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+        for name in self.unpublished():
+            log.warning("removing %s: written but never made latest by a writer that did not finish", name)
+            # Renamed out of the version namespace first, so a crash mid-removal leaves a .tmp-* leftover.
+            doomed = self.path / "versions" / f".tmp-unpublished-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path / "versions" / name, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def publish(
         self,
@@ -289,6 +370,7 @@ class EmbeddingStore:
         eigenvalues: np.ndarray,
         counts: Counts,
         attrs: dict[str, Any],
+        example_index: ExampleIndex | None = None,
     ) -> str:
         """Write a new version and make it ``latest``. Call with :meth:`lock` held. Returns the version name."""
         labels = np.asarray(labels, dtype=object)
@@ -321,6 +403,11 @@ class EmbeddingStore:
         }
         checksums.update({f"counts/{n}": _array(counts_group, n, data) for n, data in count_arrays.items()})
         counts_group.attrs.update({"n_examples": counts.n_examples, "manifest": counts.manifest})
+        if example_index is not None:
+            ids_group = group.create_group("example_ids")
+            id_arrays = {"hash": example_index.hashes, "shard": example_index.shard}
+            checksums.update({f"example_ids/{n}": _array(ids_group, n, data) for n, data in id_arrays.items()})
+            ids_group.attrs["shards"] = example_index.shards
         group.attrs.update(
             {
                 **attrs,
@@ -332,9 +419,12 @@ class EmbeddingStore:
             }
         )
         _fsync_tree(tmp)
+        fault_point("publish:arrays-written")
         os.rename(tmp, self.path / "versions" / name)
         _fsync_dir(self.path / "versions")
+        fault_point("publish:renamed")
         self._set_latest(name)
+        fault_point("publish:latest-set")
         return name
 
     def _set_latest(self, name: str) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 from test_cooccurrence import resplit
 
-from pmi_pipeline.cooccurrence import count_shards
+from pmi_pipeline.cooccurrence import count_shard_with_ids, count_shards
 from pmi_pipeline.embed import EmbedParams, embed, new_shards, publish_counts
 from pmi_pipeline.errors import PipelineError, StoreError
-from pmi_pipeline.shards import discover_shards
+from pmi_pipeline.shards import discover_shards, write_annotation_shard
 from pmi_pipeline.store import EmbeddingStore
 
 PARAMS = EmbedParams(dim=16)
@@ -114,10 +115,10 @@ def test_rejected_shards_are_reported_and_not_counted(bibtex_dir, tmp_path):
 
 
 def test_publish_counts_refuses_counted_shards(bibtex_dir, tmp_path):
-    counts = count_shards(discover_shards([bibtex_dir])).counts
-    assert publish_counts(tmp_path / "s", counts, PARAMS).version == "v0001"
+    parts = [count_shard_with_ids(p) for p in discover_shards([bibtex_dir])]
+    assert publish_counts(tmp_path / "s", parts, PARAMS).version == "v0001"
     with pytest.raises(StoreError, match="already counted"):
-        publish_counts(tmp_path / "s", counts, PARAMS)
+        publish_counts(tmp_path / "s", parts, PARAMS)
 
 
 def test_fewer_positive_eigenvalues_are_reported(bibtex_dir, tmp_path):
@@ -126,3 +127,64 @@ def test_fewer_positive_eigenvalues_are_reported(bibtex_dir, tmp_path):
     version = EmbeddingStore(tmp_path / "s").read()
     assert version.embedding.shape == (159, result.dim) and np.all(version.eigenvalues > 0)
     assert version.attrs["dim_requested"] == 100
+
+
+def damage_array(path):
+    """Change one value in place: the array still decodes, only its checksum tells."""
+    array = zarr.open_array(path, mode="r+")
+    values = array[...]
+    values[0] += 1
+    array[...] = values
+
+
+def test_a_shard_changed_after_it_was_counted_is_rejected(tmp_path):
+    shard = write_annotation_shard(tmp_path / "in" / "a.parquet", [1, 2], [["p", "q"], ["q", "r"]])
+    embed([shard], tmp_path / "s", PARAMS)
+    before = EmbeddingStore(tmp_path / "s").read_counts()
+    write_annotation_shard(shard, [1, 2, 3], [["p", "q"], ["q", "r"], ["p", "r"]])  # rewritten in place
+    result = embed([shard], tmp_path / "s", PARAMS)
+    assert result.version is None and len(result.rejected) == 1
+    assert str(shard) in result.rejected[0] and "changed after it was counted" in result.rejected[0]
+    store = EmbeddingStore(tmp_path / "s")
+    assert store.versions() == ["v0001"] and store.read_counts().equals(before)
+    # Under a new name it is a new shard, but its examples 1 and 2 are counted already: refused for that.
+    moved = shard.rename(tmp_path / "in" / "a-2.parquet")
+    result = embed([moved], tmp_path / "s", PARAMS)
+    assert len(result.rejected) == 1 and "already counted from shard" in result.rejected[0]
+    assert store.versions() == ["v0001"]
+
+
+def test_a_shard_changed_between_listing_and_counting_is_not_counted(bibtex_dir):
+    paths = discover_shards([bibtex_dir])
+    result = count_shards(paths, expected_hashes=["sha256:" + "0" * 64] * len(paths))
+    assert len(result.rejected) == len(paths) and result.counts.n_examples == 0
+    assert "changed after it was listed" in str(result.rejected[0])
+
+
+@pytest.mark.parametrize("array", ["pair_count", "label_counts", "pair_row"])
+def test_damaged_counts_stop_the_next_writer(bibtex_dir, tmp_path, array):
+    embed([bibtex_dir], tmp_path / "s", PARAMS)
+    damage_array(tmp_path / "s" / "versions" / "v0001" / "counts" / array)
+    extra = write_annotation_shard(tmp_path / "new.parquet", ["n1"], [["p", "q"]])
+    with pytest.raises(StoreError, match=f"counts/{array}"):
+        embed([bibtex_dir, extra], tmp_path / "s", PARAMS)
+    assert EmbeddingStore(tmp_path / "s").versions() == ["v0001"]
+
+
+def test_a_foreign_or_unreadable_store_is_refused_and_left_alone(bibtex_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(StoreError, match="not a pmi-pipeline embedding store"):
+        embed([bibtex_dir], foreign, PARAMS)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an embedding store"):
+        embed([bibtex_dir], other, PARAMS)
+    assert sorted(p.name for p in other.iterdir() if p.name != ".lock") == ["notes.txt"]
+    broken = tmp_path / "broken"
+    embed([bibtex_dir], broken, PARAMS)
+    (broken / "zarr.json").write_text("{ not json")
+    with pytest.raises(StoreError, match="unreadable store metadata"):
+        embed([bibtex_dir], broken, PARAMS)

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
+from pmi_pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +31,16 @@ def dask_client(
     threads. ``processes=False`` keeps workers in this process (needed where forking is unwelcome).
     """
     if scheduler:
-        kwargs = {"scheduler_file": scheduler} if os.path.isfile(scheduler) else {"address": scheduler}
-        client = Client(**kwargs, timeout="30s")
+        if os.path.isfile(scheduler):
+            kwargs = {"scheduler_file": scheduler}
+        elif "://" not in scheduler and (os.sep in scheduler or scheduler.endswith(".json")):
+            raise PipelineError(f"no such scheduler file: {scheduler} (or give an address, tcp://HOST:8786)")
+        else:
+            kwargs = {"address": scheduler}
+        try:
+            client = Client(**kwargs, timeout="30s")
+        except (OSError, ValueError) as exc:  # unreachable (OSError, TimeoutError) or not an address
+            raise PipelineError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from exc
         log.info("connected to Dask scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
         try:
             yield client

@@ -75,12 +75,20 @@ class Counts:
     def n_pairs(self) -> int:
         return int(self.pairs.nnz)
 
-    def reindex(self, labels: np.ndarray) -> Counts:
-        """The same counts over a vocabulary that contains this one's (new labels get zero counts)."""
+    def reindex(self, labels: np.ndarray, position: np.ndarray | None = None) -> Counts:
+        """The same counts over a vocabulary that contains this one's (new labels get zero counts).
+
+        ``position`` (where each of this one's labels is in ``labels``) saves the lookup when already known.
+        """
         labels = np.asarray(labels, dtype=object)
-        if labels.size == self.labels.size and np.array_equal(labels, self.labels):
-            return self
-        position = _positions(self.labels, labels)
+        if labels.size == self.labels.size and (
+            np.array_equal(position, np.arange(labels.size))
+            if position is not None
+            else np.array_equal(labels, self.labels)
+        ):
+            return Counts(labels, self.label_counts, self.pairs, self.n_examples, dict(self.manifest))
+        if position is None:
+            position = _positions(self.labels, labels)
         if (position < 0).any():
             missing = self.labels[position < 0][:5].tolist()
             raise ValueError(f"target vocabulary lacks labels such as {missing}")
@@ -104,12 +112,13 @@ class Counts:
         if overlap:
             raise ValueError(f"shard(s) counted twice: {sorted(overlap)[:3]}")
         if sorted_union:
-            labels = np.asarray(sorted(set(self.labels.tolist()) | set(other.labels.tolist())), dtype=object)
+            labels, pos_a, pos_b = _sorted_union(self.labels, other.labels)
+            a, b = self.reindex(labels, pos_a), other.reindex(labels, pos_b)
         else:
             known = set(self.labels.tolist())
             new = sorted(label for label in other.labels.tolist() if label not in known)
             labels = np.concatenate([self.labels, np.asarray(new, dtype=object)]) if new else self.labels
-        a, b = self.reindex(labels), other.reindex(labels)
+            a, b = self.reindex(labels), other.reindex(labels)
         return Counts(
             labels,
             a.label_counts + b.label_counts,
@@ -171,6 +180,19 @@ class Counts:
                 dtype=np.int64,
             )
             return cls(labels, z["label_counts"], pairs, int(meta["n_examples"]), meta["manifest"])
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted union of two vocabularies and where each one's labels land in it, in one hash pass and one sort
+    in Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels)."""
+    both = pc.dictionary_encode(pa.array(np.concatenate([a, b]), pa.string()))
+    distinct = both.dictionary
+    order = pc.sort_indices(distinct).to_numpy(zero_copy_only=False)
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size)
+    position = rank[both.indices.to_numpy(zero_copy_only=False)]
+    labels = distinct.take(pa.array(order)).to_numpy(zero_copy_only=False).astype(object)
+    return labels, position[: a.size], position[a.size :]
 
 
 def _positions(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:

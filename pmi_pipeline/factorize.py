@@ -99,6 +99,20 @@ def to_dask(a: sp.spmatrix, block_size: int) -> da.Array:
     return da.from_array(sp.csr_matrix(a), chunks=chunks, asarray=False, fancy=False)
 
 
+def _gaussian_block(seed: int, block: int, n_rows: int, width: int) -> np.ndarray:
+    return np.random.default_rng([seed, block]).standard_normal((n_rows, width))
+
+
+def _gaussian(seed: int, rows: tuple[int, ...], width: int) -> da.Array:
+    """An m x width standard normal matrix as row blocks, each from its own seeded stream: the same numbers
+    wherever and in whatever order the blocks are drawn, and m x width floats never in one process."""
+    blocks = [
+        da.from_delayed(dask.delayed(_gaussian_block)(seed, i, n, width), shape=(n, width), dtype=np.float64)
+        for i, n in enumerate(rows)
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
 def _orthonormal(y: da.Array) -> da.Array:
     q, _ = da.linalg.tsqr(y)
     return q
@@ -147,12 +161,12 @@ def randomized_eigh(
 
     a_dask = to_dask(a, block_size).persist()
     rows = a_dask.chunks[0]
-    rng = np.random.default_rng(seed)
-    sketch = rng.standard_normal((m, width))
-    if init is not None:
-        j = min(init.shape[1], width)
-        sketch[:, :j] = init[:, :j]
-    q = _orthonormal(da.from_array(sketch, chunks=(rows, width)))
+    j = min(init.shape[1], width) if init is not None else 0
+    sketch = _gaussian(seed, rows, width - j)  # drawn block by block where it is used, never whole on the client
+    if j:
+        start = da.from_array(np.asarray(init[:, :j], np.float64), chunks=(rows, j))
+        sketch = da.concatenate([start, sketch], axis=1) if width > j else start
+    q = _orthonormal(sketch.rechunk((rows, width)))
     shift = 0.0
 
     def step(q: da.Array, shift: float) -> da.Array:

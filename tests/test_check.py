@@ -86,3 +86,13 @@ def test_version_selection(store):
     assert check_store(store, ["v0002"]) == []
     assert [p.message for p in check_store(store, ["v0009"])] == ["no such version"]
     assert np.all([p.severity == "error" for p in check_store(store.parent / "absent")])
+
+
+@pytest.mark.parametrize("array", ["example_ids/hash", "example_ids/shard"])
+def test_a_damaged_example_id_index_is_caught(store, array):
+    target = zarr.open_array(store / "versions" / "v0001" / array, mode="r+")
+    values = target[...]
+    values[0] += 1  # still decodes: only the checksum (and, for shard, the listed shards) can tell
+    target[...] = values
+    found = errors(store)
+    assert f"v0001/{array}" in [p.where for p in found]

@@ -412,6 +412,7 @@ def count_shards(
             key=[f"count-shard-{uuid.uuid4().hex[:12]}-{i}" for i in range(total)],
         )
         position = {f.key: i for i, f in enumerate(futures)}
+        identity: dict[int, Any] = {}  # futures of (content hash, fingerprints): all fetched at once below
         for future in as_completed(futures):
             error = future.exception()
             if error is not None:
@@ -423,13 +424,13 @@ def count_shards(
             else:
                 i = position[future.key]
                 good[i] = future
-                ids_future = client.submit(_second, future, pure=False)
-                fingerprints[i] = ids_future.result()
-                digests[i] = client.submit(_digest, future, pure=False).result()
+                identity[i] = client.submit(_identity, future, pure=False)
             done += 1
             fault_point("count:shard-done")
             if progress:
                 progress(done, total)
+        for i, (digest, ids) in zip(identity, client.gather(list(identity.values())), strict=True):
+            digests[i], fingerprints[i] = digest, ids
 
     # Example ids repeated across shards: decided in the paths' order, so the outcome never depends on timing.
     order = sorted(good)
@@ -459,9 +460,5 @@ def count_shards(
     )
 
 
-def _second(pair: tuple[Counts, np.ndarray]) -> np.ndarray:
-    return pair[1]
-
-
-def _digest(pair: tuple[Counts, np.ndarray]) -> str:
-    return next(iter(pair[0].manifest))
+def _identity(pair: tuple[Counts, np.ndarray]) -> tuple[str, np.ndarray]:
+    return next(iter(pair[0].manifest)), pair[1]

@@ -1,0 +1,123 @@
+"""Before and after, in one process: the three design changes of the scale work (issue 5).
+
+1. Pair counting per shard: ``triu(Y.T @ Y)`` with scipy (before) against enumerating each example's label pairs
+   and counting their keys by sorting (``cooccurrence.upper_pair_counts``, after), on one synthetic shard.
+2. Merging two per-shard counts: the sorted union of the vocabularies with Python sets and ``sorted`` plus two
+   hash lookups (before) against one Arrow hash pass and sort (``cooccurrence._sorted_union``, after).
+3. ``A @ Q`` in the factorization: the PMI matrix in square blocks (before) against row blocks with every column
+   (``factorize.to_dask``, after), on Dask's threaded scheduler.
+
+Each pair runs on the same input, checks that both give the same result, and reports the best of ``--repeat``::
+
+    python bench/design_changes.py --labels 100000
+
+writes bench/results/design-changes-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+
+from pmi_pipeline.cooccurrence import _positions, _sorted_union, upper_pair_counts
+from pmi_pipeline.factorize import _times, to_dask
+from pmi_pipeline.shards import read_annotations
+from pmi_pipeline.synth import SynthConfig, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def pairs_before(example_codes: np.ndarray, label_codes: np.ndarray, m: int, n: int) -> sp.csr_matrix:
+    y = sp.csr_matrix((np.ones(example_codes.size, np.int64), (example_codes, label_codes)), shape=(n, m))
+    pairs = sp.triu((y.T.tocsr() @ y).tocsr(), k=1, format="csr")
+    pairs.sum_duplicates()
+    return pairs
+
+
+def union_before(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels = np.asarray(sorted(set(a.tolist()) | set(b.tolist())), dtype=object)
+    return labels, _positions(a, labels), _positions(b, labels)
+
+
+def matmul(a: sp.csr_matrix, q: np.ndarray, square: bool, block: int) -> np.ndarray:
+    qd = da.from_array(q, chunks=(block, q.shape[1]))
+    if square:
+        ad = da.from_array(a, chunks=(block, block), asarray=False, fancy=False)
+        return da.dot(ad, qd).compute()
+    return _times(to_dask(a, block), qd).compute()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", type=int, default=100000)
+    parser.add_argument("--examples", type=int, default=250000, help="examples in the shard of comparison 1")
+    parser.add_argument("--vocabulary", type=int, default=400000, help="labels per side in comparison 2")
+    parser.add_argument("--m", type=int, default=60000, help="matrix size in comparison 3")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "args": vars(args)}
+    results["load_average_at_start"] = os.getloadavg()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SynthConfig(n_examples=args.examples, n_labels=args.labels, shard_size=args.examples)
+        write_corpus(tmp, config, progress=False)
+        ann = read_annotations(next(Path(tmp).rglob("*.parquet")))
+    m, n = ann.labels.size, ann.n_examples
+    t0, before = best(args.repeat, lambda: pairs_before(ann.example_codes, ann.label_codes, m, n))
+    t1, after = best(args.repeat, lambda: upper_pair_counts(ann.example_codes, ann.label_codes, m))
+    assert (before != after).nnz == 0
+    results["pair_counting"] = {"annotations": ann.n_annotations, "before_s": t0, "after_s": t1, "speedup": t0 / t1}
+
+    rng = np.random.default_rng(0)
+    side = [
+        np.asarray(sorted({f"label-{i:07d}" for i in rng.integers(0, 10**6, args.vocabulary)}), dtype=object)
+        for _ in range(2)
+    ]
+    t0, before = best(args.repeat, lambda: union_before(*side))
+    t1, after = best(args.repeat, lambda: _sorted_union(*side))
+    assert all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
+    results["vocabulary_union"] = {"labels": int(after[0].size), "before_s": t0, "after_s": t1, "speedup": t0 / t1}
+
+    nnz = 30 * args.m
+    r, c = rng.integers(0, args.m, nnz), rng.integers(0, args.m, nnz)
+    a = sp.csr_matrix((rng.standard_normal(nnz), (r, c)), shape=(args.m, args.m))
+    a = (a + a.T).tocsr()
+    q = rng.standard_normal((args.m, 512))
+    with dask.config.set(scheduler="threads"):
+        t0, before = best(args.repeat, lambda: matmul(a, q, True, 16384))
+        t1, after = best(args.repeat, lambda: matmul(a, q, False, 16384))
+    np.testing.assert_allclose(before, after, rtol=1e-9, atol=1e-9)
+    results["factorize_matmul"] = {"m": args.m, "nnz": int(a.nnz), "before_s": t0, "after_s": t1, "speedup": t0 / t1}
+
+    results["load_average_at_end"] = os.getloadavg()
+    for name in ("pair_counting", "vocabulary_union", "factorize_matmul"):
+        r = results[name]
+        print(f"{name:18s} before {r['before_s']:7.3f} s  after {r['after_s']:7.3f} s  {r['speedup']:5.2f}x")
+    out = ROOT / "bench" / "results" / f"design-changes-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

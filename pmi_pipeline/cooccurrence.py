@@ -368,25 +368,29 @@ def count_shards(
     expected_hashes: Sequence[str] | None = None,
     index: ExampleIndex | None = None,
     names: dict[str, str] | None = None,
+    check_repeats: bool = True,
 ) -> CountResult:
     """Count shards and sum them. Bad shards are collected in ``rejected`` and contribute nothing.
 
-    With a Dask ``client`` each shard is a task and the sum is a tree of merge tasks on the workers, so only the
-    final counts and the example-id fingerprints (8 bytes per example) travel back; without one, shards are counted
-    one after another in this process. ``progress(done, total)`` is called as shards finish.
+    With a Dask ``client`` each shard is a task, and shards are summed as they finish by merge tasks on the
+    workers (a binary counter: at most one partial sum per size class waits), so worker memory holds a few partial
+    sums and never every shard's counts; only the final counts and the example-id fingerprints (8 bytes per
+    example) travel back. Without one, shards are counted and summed one after another in this process.
+    ``progress(done, total)`` is called as shards finish.
 
     ``expected_hashes`` (one per path: the hash it was listed with) rejects a shard that changed since. A shard
     that repeats an example id of ``index`` (the store's counted examples) or of an earlier path is rejected too;
-    ``names`` maps the index's shard hashes to paths for that message.
+    ``names`` maps the index's shard hashes to paths for that message. Repeats are found once every shard is
+    counted; in that (exceptional) case the shards that remain are summed again without the rejected ones.
     """
     start = time.perf_counter()
     paths = [str(p) for p in paths]
     expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
     total = len(paths)
     rejected: list[ShardError] = []
-    good: dict[int, Any] = {}  # path position -> Counts (in-process) or a future of (Counts, fingerprints)
     fingerprints: dict[int, np.ndarray] = {}
     digests: dict[int, str] = {}
+    sums = _RunningSum(client)
     done = 0
     if client is None:
         for i, path in enumerate(paths):
@@ -394,8 +398,9 @@ def count_shards(
             if isinstance(result, ShardError):
                 rejected.append(result)
             else:
-                good[i], fingerprints[i] = result
-                digests[i] = next(iter(result[0].manifest))
+                counts, fingerprints[i] = result
+                digests[i] = next(iter(counts.manifest))
+                sums.add(counts)
             done += 1
             fault_point("count:shard-done")
             if progress:
@@ -420,44 +425,75 @@ def count_shards(
             # future.type is known to the scheduler: only a (small) error travels here, counts stay on workers
             if isinstance(future.type, type) and issubclass(future.type, ShardError):
                 rejected.append(future.result())
-                future.release()
             else:
                 i = position[future.key]
-                good[i] = future
                 identity[i] = client.submit(_identity, future, pure=False)
+                sums.add(client.submit(_first, future, pure=False))
+            future.release()  # the shard's counts live on in the merge tasks that use them, then go
             done += 1
             fault_point("count:shard-done")
             if progress:
                 progress(done, total)
+        del futures
         for i, (digest, ids) in zip(identity, client.gather(list(identity.values())), strict=True):
             digests[i], fingerprints[i] = digest, ids
+    counts = sums.result()
 
-    # Example ids repeated across shards: decided in the paths' order, so the outcome never depends on timing.
-    order = sorted(good)
-    repeats = find_repeats(index or ExampleIndex.empty(), [(str(i), fingerprints[i]) for i in order])
-    names = names or {}
-    for repeat in repeats:
-        i = int(repeat.shard)
-        other = paths[int(repeat.other)] if repeat.other.isdigit() else names.get(repeat.other, repeat.other)
-        rejected.append(repeat_error(paths[i], repeat, f"shard {other}"))
-        del good[i]
-    kept = sorted(good)
-    if client is None:
-        counts = Counts.sum([good[i] for i in kept])
-    else:
-        # Merge in the paths' order, pairwise, on the workers: the same tree whatever the completion order.
-        level = [client.submit(_first, good[i], pure=False) for i in kept]
-        while len(level) > 1:
-            level = [
-                client.submit(_merge_pair, level[i], level[i + 1], pure=False) if i + 1 < len(level) else level[i]
-                for i in range(0, len(level), 2)
-            ]
-        counts = level[0].result() if level else Counts.empty()
+    if check_repeats:
+        # Example ids repeated across shards: decided in the paths' order, so the outcome never depends on timing.
+        order = sorted(fingerprints)
+        repeats = find_repeats(index or ExampleIndex.empty(), [(str(i), fingerprints[i]) for i in order])
+        if repeats:
+            names = names or {}
+            for repeat in repeats:
+                i = int(repeat.shard)
+                other = paths[int(repeat.other)] if repeat.other.isdigit() else names.get(repeat.other, repeat.other)
+                rejected.append(repeat_error(paths[i], repeat, f"shard {other}"))
+            dropped = {int(r.shard) for r in repeats}
+            kept = [i for i in order if i not in dropped]
+            log.warning("%d shard(s) repeat example ids: summing the other %d again", len(dropped), len(kept))
+            again = count_shards(
+                [paths[i] for i in kept], client, expected_hashes=[expected[i] for i in kept], check_repeats=False
+            )
+            rejected.extend(again.rejected)
+            counts = again.counts
+            fingerprints = {i: fingerprints[i] for i in kept}
     rejected.sort(key=lambda e: str(e.path))
     fault_point("count:merged")
     return CountResult(
-        counts.sorted(), rejected, time.perf_counter() - start, {digests[i]: fingerprints[i] for i in kept}
+        counts.sorted(), rejected, time.perf_counter() - start, {digests[i]: fingerprints[i] for i in fingerprints}
     )
+
+
+class _RunningSum:
+    """Sum counts as they arrive, as a binary counter: a partial sum of 2^k shards waits only for another of the
+    same size, so at most one per size class is held (log2 of the shard count), and merges stay balanced."""
+
+    def __init__(self, client: Client | None):
+        self.client = client
+        self.stack: list[tuple[int, Any]] = []  # (size class, Counts or a future of Counts)
+
+    def _merge(self, a: Any, b: Any) -> Any:
+        return self.client.submit(_merge_pair, a, b, pure=False) if self.client else _merge_pair(a, b)
+
+    def add(self, counts: Any) -> None:
+        level = 0
+        if self.client is None:
+            counts = counts.sorted()
+        while self.stack and self.stack[-1][0] == level:
+            _, previous = self.stack.pop()
+            counts = self._merge(previous, counts)
+            level += 1
+        self.stack.append((level, counts))
+
+    def result(self) -> Counts:
+        if not self.stack:
+            return Counts.empty()
+        total = self.stack.pop()[1]
+        while self.stack:
+            total = self._merge(self.stack.pop()[1], total)
+        self.stack = []
+        return total.result() if self.client else total
 
 
 def _identity(pair: tuple[Counts, np.ndarray]) -> tuple[str, np.ndarray]:

@@ -105,3 +105,17 @@ def test_save_load_round_trip(bibtex_dir, tmp_path):
     loaded = Counts.load(counts.save(tmp_path / "counts.npz"))
     assert loaded.labels.tolist() == counts.labels.tolist() and loaded.equals(counts)
     assert loaded.manifest == counts.manifest
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 13])
+def test_running_sum_holds_one_partial_per_size_class(n, bibtex_dir):
+    """Shards are summed as they arrive: after n shards, popcount(n) partial sums wait, never all n."""
+    from pmi_pipeline.cooccurrence import _RunningSum, count_shard
+
+    shard = count_shard(discover_shards([bibtex_dir])[0])
+    running = _RunningSum(None)
+    for i in range(n):
+        running.add(Counts(shard.labels, shard.label_counts, shard.pairs, shard.n_examples, {f"s{i}": {}}))
+    assert len(running.stack) == bin(n).count("1")
+    total = running.result()
+    assert total.n_examples == n * shard.n_examples and (total.pairs != shard.pairs * n).nnz == 0

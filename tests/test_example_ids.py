@@ -106,11 +106,12 @@ def _shard(path, ids, labels):
     return write_annotation_shard(path, ids, labels)
 
 
-def test_an_id_repeated_across_shards_in_one_run_rejects_the_later_shard(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_id_repeated_across_shards_in_one_run_rejects_the_later_shard(tmp_path, workers, dask_clients):
     a = _shard(tmp_path / "in" / "a.parquet", ["x1", "x2", "x3"], [["p", "q"], ["q", "r"], ["p", "r"]])
     b = _shard(tmp_path / "in" / "b.parquet", ["y1", "x2", "y3"], [["p"], ["q", "s"], ["r", "s"]])
     c = _shard(tmp_path / "in" / "c.parquet", ["z1", "z2"], [["p", "s"], ["q", "s"]])
-    result = embed([tmp_path / "in"], tmp_path / "s", PARAMS)
+    result = embed([tmp_path / "in"], tmp_path / "s", PARAMS, dask_clients[workers] if workers else None)
     assert len(result.rejected) == 1
     message = result.rejected[0]
     assert str(b) in message and "row 1" in message and "example_id" in message and "'x2'" in message

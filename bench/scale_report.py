@@ -32,8 +32,8 @@ MiB = 2**20
 
 
 def load_points(paths: list[Path]) -> list[dict[str, Any]]:
-    """One row per (result file, corpus size, phase) that finished."""
-    rows = []
+    """One row per (annotations, labels, phase) that finished; a later file replaces an earlier one's point."""
+    rows: dict[tuple[int, int, str], dict[str, Any]] = {}
     for path in paths:
         data = json.loads(path.read_text())
         labels = int(data["args"]["labels"])
@@ -43,21 +43,19 @@ def load_points(paths: list[Path]) -> list[dict[str, Any]]:
             for phase, report in phases.items():
                 if phase not in PHASES or report.get("returncode") != 0:
                     continue
-                rows.append(
-                    {
-                        "file": path.name,
-                        "annotations": int(size["n_annotations_requested"]),
-                        "labels": labels,
-                        "phase": phase,
-                        "seconds": float(report["time_s"]),
-                        "peak_rss_mib": report["peak_rss_bytes"] / MiB,
-                        "largest_process_mib": report.get("peak_single_process_rss_bytes", 0) / MiB,
-                        "pairs": count.get("n_pairs"),
-                        "stages": report.get("stage_timings", {}),
-                        "dim": data["args"].get("dim"),
-                    }
-                )
-    return rows
+                rows[int(size["n_annotations_requested"]), labels, phase] = {
+                    "file": path.name,
+                    "annotations": int(size["n_annotations_requested"]),
+                    "labels": labels,
+                    "phase": phase,
+                    "seconds": float(report["time_s"]),
+                    "peak_rss_mib": report["peak_rss_bytes"] / MiB,
+                    "largest_process_mib": report.get("peak_single_process_rss_bytes", 0) / MiB,
+                    "pairs": count.get("n_pairs"),
+                    "stages": report.get("stage_timings", {}),
+                    "dim": data["args"].get("dim"),
+                }
+    return list(rows.values())
 
 
 def _exp(n: float) -> str:
@@ -68,22 +66,22 @@ def _exp(n: float) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| annotations | labels | phase | seconds | peak RSS MiB (tree) | largest process MiB | distinct pairs "
-        "| stages (s) |",
-        "|---:|---:|---|---:|---:|---:|---:|---|",
+        "| stages (s) | results file |",
+        "|---:|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["labels"], r["annotations"], list(PHASES).index(r["phase"]))):
         stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r["stages"].items())
         pairs = f"{r['pairs']:,}" if r["pairs"] else ""
         lines.append(
             f"| {_exp(r['annotations'])} | {_exp(r['labels'])} | {PHASES[r['phase']]} | {r['seconds']:.1f} | "
-            f"{r['peak_rss_mib']:.0f} | {r['largest_process_mib']:.0f} | {pairs} | {stages} |"
+            f"{r['peak_rss_mib']:.0f} | {r['largest_process_mib']:.0f} | {pairs} | {stages} | {r['file']} |"
         )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], x: str, group: str, out: Path) -> None:
     """Two panels (seconds, peak RSS) against ``x``, one line per (phase, ``group`` value) with 2+ points."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
     lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         lines.setdefault((r["phase"], r[group]), []).append(r)
@@ -102,10 +100,11 @@ def plot(rows: list[dict[str, Any]], x: str, group: str, out: Path) -> None:
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.suptitle(f"Cost against {x} (bench/embed.py on 2 cores, 24 GiB)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

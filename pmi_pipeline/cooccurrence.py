@@ -457,7 +457,8 @@ def count_shards(
             )
             rejected.extend(again.rejected)
             counts = again.counts
-            fingerprints = {i: fingerprints[i] for i in kept}
+            # only what was counted again (a shard may have changed since) goes into the example-id index
+            fingerprints = {i: fingerprints[i] for i in kept if digests[i] in counts.manifest}
     rejected.sort(key=lambda e: str(e.path))
     fault_point("count:merged")
     return CountResult(

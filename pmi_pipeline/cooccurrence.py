@@ -129,16 +129,12 @@ class Counts:
 
     @staticmethod
     def sum(counts: Iterable[Counts]) -> Counts:
-        """Tree-sum (pairwise) over the sorted union of the vocabularies; the result is in sorted order."""
-        level = [c.sorted() for c in counts]
-        if not level:
-            return Counts.empty()
-        while len(level) > 1:
-            level = [
-                level[i].merge(level[i + 1], sorted_union=True) if i + 1 < len(level) else level[i]
-                for i in range(0, len(level), 2)
-            ]
-        return level[0]
+        """Sum over the sorted union of the vocabularies, merged pairwise as they come (``_RunningSum``, the same
+        summation as :func:`count_shards`); the result is in sorted order."""
+        running = _RunningSum(None)
+        for c in counts:
+            running.add(c)
+        return running.result()
 
     def sorted(self) -> Counts:
         """The same counts with the vocabulary in sorted order: a canonical form, whatever the merge order."""

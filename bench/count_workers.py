@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pmi_pipeline.cooccurrence import count_shards
+from pmi_pipeline.cooccurrence import BATCH_BYTES, count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
 from pmi_pipeline.synth import SynthConfig, write_corpus
@@ -40,17 +40,22 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=20000)
     parser.add_argument("--shard-size", type=int, default=50000, help="examples per shard")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--batch-bytes", type=int, default=BATCH_BYTES, help="Parquet bytes per count task (1: one shard per task)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pmi-count-workers-") as tmp:
         config = SynthConfig(n_annotations=int(args.annotations), n_labels=args.labels, shard_size=args.shard_size)
         summary = write_corpus(Path(tmp) / "corpus", config, progress=False)
         paths = discover_shards([Path(tmp) / "corpus"])
-        serial_s, reference = best_of(args.repeat, lambda: count_shards(paths).counts)
+        serial_s, reference = best_of(args.repeat, lambda: count_shards(paths, batch_bytes=args.batch_bytes).counts)
         rows = [{"config": "in-process", "workers": 0, "seconds": serial_s}]
         for workers in (1, 2):
             with dask_client(n_workers=workers) as client:
                 count_shards(paths, client)  # warm-up: imports on the workers
-                seconds, counts = best_of(args.repeat, lambda c=client: count_shards(paths, c).counts)
+                seconds, counts = best_of(
+                    args.repeat, lambda c=client: count_shards(paths, c, batch_bytes=args.batch_bytes).counts
+                )
             assert counts.equals(reference), "Dask counts differ from in-process counts"
             rows.append({"config": f"Dask LocalCluster, {workers} worker(s)", "workers": workers, "seconds": seconds})
     for row in rows:
@@ -64,6 +69,7 @@ def main() -> None:
         "n_examples": summary.n_examples,
         "n_labels": args.labels,
         "n_shards": len(paths),
+        "batch_bytes": args.batch_bytes,
         "n_pairs": reference.n_pairs,
         "rows": rows,
     }
@@ -71,6 +77,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(
         f"{summary.n_annotations:.3g} annotations, {len(paths)} shards, {args.labels} labels, "
+        f"batches of up to {args.batch_bytes} bytes, "
         f"load average {result['load_average'][0]:.1f}"
     )
     print("| configuration | seconds | annotations/s | vs in-process |\n|---|---|---|---|")

@@ -6,6 +6,12 @@
    hash lookups (before) against one Arrow hash pass and sort (``cooccurrence._sorted_union``, after).
 3. ``A @ Q`` in the factorization: the PMI matrix in square blocks (before) against row blocks with every column
    (``factorize.to_dask``, after), on Dask's threaded scheduler.
+4. Counting several shards: each shard counted alone and the counts merged (before, ``batch_bytes=1``) against
+   batches of shards sharing one vocabulary and one pass over their pairs (``cooccurrence.count_batch``, after),
+   in one process.
+5. Orthonormalizing the m x l sketch in each power iteration: Dask's ``tsqr`` (before) against CholeskyQR2
+   (``factorize._orthonormal``, after), on Dask's threaded scheduler with one BLAS thread per task, as
+   ``factorize`` runs them.
 
 Each pair runs on the same input, checks that both give the same result, and reports the best of ``--repeat``::
 
@@ -30,10 +36,11 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
-from pmi_pipeline.cooccurrence import _positions, _sorted_union, upper_pair_counts
-from pmi_pipeline.factorize import _times, to_dask
-from pmi_pipeline.shards import read_annotations
+from pmi_pipeline.cooccurrence import _positions, _sorted_union, count_shards, upper_pair_counts
+from pmi_pipeline.factorize import _orthonormal, _times, to_dask
+from pmi_pipeline.shards import discover_shards, read_annotations
 from pmi_pipeline.synth import SynthConfig, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +81,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=250000, help="examples in the shard of comparison 1")
     parser.add_argument("--vocabulary", type=int, default=400000, help="labels per side in comparison 2")
     parser.add_argument("--m", type=int, default=60000, help="matrix size in comparison 3")
+    parser.add_argument("--shards", type=int, default=12, help="shards of --examples examples in comparison 4")
+    parser.add_argument("--qr-rows", type=int, default=100000, help="rows of the sketch in comparison 5")
+    parser.add_argument("--qr-width", type=int, default=512, help="columns of the sketch in comparison 5")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "args": vars(args)}
@@ -110,8 +120,39 @@ def main() -> None:
     np.testing.assert_allclose(before, after, rtol=1e-9, atol=1e-9)
     results["factorize_matmul"] = {"m": args.m, "nnz": int(a.nnz), "before_s": t0, "after_s": t1, "speedup": t0 / t1}
 
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SynthConfig(n_examples=args.examples * args.shards, n_labels=args.labels, shard_size=args.examples)
+        write_corpus(tmp, config, progress=False)
+        paths = discover_shards([tmp])
+        t0, before = best(args.repeat, lambda: count_shards(paths, batch_bytes=1).counts)
+        t1, after = best(args.repeat, lambda: count_shards(paths).counts)
+    assert before.equals(after)
+    results["batched_counting"] = {
+        "shards": len(paths),
+        "annotations": after.n_annotations,
+        "before_s": t0,
+        "after_s": t1,
+        "speedup": t0 / t1,
+    }
+
+    y = rng.standard_normal((args.qr_rows, args.qr_width))
+    yd = da.from_array(y, chunks=(16384, args.qr_width))
+    with dask.config.set(scheduler="threads"), threadpool_limits(1, user_api="blas"):
+        t0, before = best(args.repeat, lambda: da.linalg.tsqr(yd)[0].compute())
+        t1, after = best(args.repeat, lambda: _orthonormal(yd).compute())
+    for q in (before, after):
+        np.testing.assert_allclose(q.T @ q, np.eye(args.qr_width), atol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(before * after, axis=0)), 1, rtol=1e-8)  # same basis up to signs
+    results["orthonormalize"] = {
+        "rows": args.qr_rows,
+        "width": args.qr_width,
+        "before_s": t0,
+        "after_s": t1,
+        "speedup": t0 / t1,
+    }
+
     results["load_average_at_end"] = os.getloadavg()
-    for name in ("pair_counting", "vocabulary_union", "factorize_matmul"):
+    for name in ("pair_counting", "vocabulary_union", "factorize_matmul", "batched_counting", "orthonormalize"):
         r = results[name]
         print(f"{name:18s} before {r['before_s']:7.3f} s  after {r['after_s']:7.3f} s  {r['speedup']:5.2f}x")
     out = ROOT / "bench" / "results" / f"design-changes-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"

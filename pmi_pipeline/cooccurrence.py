@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from pmi_pipeline.errors import ShardError
-from pmi_pipeline.example_ids import ExampleIndex, Repeat, find_repeats, hash_example_ids
+from pmi_pipeline.example_ids import ExampleIndex, FingerprintFiles, Repeat, find_repeats, hash_example_ids
 from pmi_pipeline.faults import fault_point
 from pmi_pipeline.shards import ID_COLUMN, Annotations, read_annotations
 
@@ -179,16 +180,23 @@ class Counts:
 
 
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted union of two vocabularies and where each one's labels land in it, in one hash pass and one sort
-    in Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels)."""
-    both = pc.dictionary_encode(pa.array(np.concatenate([a, b]), pa.string()))
+    """Sorted union of two vocabularies and where each one's labels land in it."""
+    labels, (pos_a, pos_b) = _sorted_union_many([a, b])
+    return labels, pos_a, pos_b
+
+
+def _sorted_union_many(vocabularies: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Sorted union of vocabularies and where each one's labels land in it, in one hash pass and one sort in
+    Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels). Positions are increasing for a
+    sorted vocabulary, so codes sorted within an example stay sorted."""
+    both = pc.dictionary_encode(pa.array(np.concatenate(list(vocabularies)), pa.string()))
     distinct = both.dictionary
     order = pc.sort_indices(distinct).to_numpy(zero_copy_only=False)
     rank = np.empty(order.size, np.int64)
     rank[order] = np.arange(order.size)
     position = rank[both.indices.to_numpy(zero_copy_only=False)]
     labels = distinct.take(pa.array(order)).to_numpy(zero_copy_only=False).astype(object)
-    return labels, position[: a.size], position[a.size :]
+    return labels, np.split(position, np.cumsum([v.size for v in vocabularies])[:-1])
 
 
 def _positions(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
@@ -223,9 +231,9 @@ def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> 
     return mat
 
 
-#: Label pairs enumerated at once when counting a shard (about 32 bytes each): bounds a shard's working memory
+#: Label pairs enumerated at once when counting (about 32 bytes each): bounds the working memory of a count
 #: however many labels its examples have.
-PAIR_BLOCK = 1 << 22
+PAIR_BLOCK = 1 << 21
 
 
 def upper_pair_counts(
@@ -236,51 +244,52 @@ def upper_pair_counts(
 
     Each example's label pairs (a < b) are enumerated directly and counted by sorting their keys ``a * m + b``:
     half the work of the symmetric sparse product, with no diagonal to drop and no second pass to size the
-    output, which makes it about twice as fast as scipy's ``Y.T @ Y`` + ``triu`` (docs/performance.md). The
-    sorted keys are the CSR structure itself.
+    output (docs/performance.md). The sorted keys are the CSR structure itself. Pairs are enumerated in blocks
+    of about ``block`` by ranges of the first label ``a``, so blocks hold disjoint keys and their sorted results
+    simply follow one another (one label's pairs are never split, so a block can exceed ``block`` by them).
     """
     nnz = example_codes.size
-    per_example = np.bincount(example_codes) if nnz else np.empty(0, np.int64)
+    if not nnz:
+        return sp.csr_matrix((m, m), dtype=np.int64)
+    per_example = np.bincount(example_codes)
     ends = np.cumsum(per_example)
     after = ends[example_codes] - np.arange(nnz) - 1  # labels after this one in its example
-    starts = ends - per_example
-    pairs_of_example = per_example * (per_example - 1) // 2
-    cumulative = np.cumsum(pairs_of_example)
-    total = int(cumulative[-1]) if cumulative.size else 0
-    bounds = np.searchsorted(cumulative, np.arange(block, total, block))  # examples per block of ~block pairs
+    del per_example, ends
+    cumulative = np.cumsum(np.bincount(label_codes, weights=after, minlength=m))  # pairs by first label
+    total = int(cumulative[-1])
+    cuts = np.searchsorted(cumulative, np.arange(block, total, block), side="right")
+    edges = np.unique(np.concatenate(([0], cuts, [m])))
     keys, counts = [], []
-    lo = 0
-    for example_hi in [*bounds.tolist(), per_example.size]:
-        a_lo, a_hi = (int(starts[lo]), int(ends[example_hi - 1])) if example_hi > lo else (0, 0)
-        lo = example_hi
-        if a_hi <= a_lo:
-            continue
-        k, c = _count_keys(label_codes[a_lo:a_hi], after[a_lo:a_hi], m)
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        if lo == 0 and hi == m:
+            first = None
+        else:
+            first = np.flatnonzero((label_codes >= lo) & (label_codes < hi))
+        k, c = _count_keys(label_codes, after, m, first)
         keys.append(k)
         counts.append(c)
-    if len(keys) > 1:  # examples with very many labels: several blocks, summed
-        all_keys, all_counts = np.concatenate(keys), np.concatenate(counts)
-        order = np.argsort(all_keys, kind="stable")
-        all_keys, all_counts = all_keys[order], all_counts[order]
-        first = np.flatnonzero(np.concatenate(([True], all_keys[1:] != all_keys[:-1])))
-        keys, counts = [all_keys[first]], [np.add.reduceat(all_counts, first)]
-    uniq = keys[0] if keys else np.empty(0, np.int64)
-    data = counts[0] if counts else np.empty(0, np.int64)
+    uniq = np.concatenate(keys) if len(keys) > 1 else keys[0]
+    data = np.concatenate(counts) if len(counts) > 1 else counts[0]
     dtype = _index_dtype(m, uniq.size)
     indptr = np.zeros(m + 1, dtype)
     np.cumsum(np.bincount(uniq // max(m, 1), minlength=m), out=indptr[1:])
     return sp.csr_matrix((data, (uniq % max(m, 1)).astype(dtype), indptr), shape=(m, m))
 
 
-def _count_keys(labels: np.ndarray, after: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct pair keys ``a * m + b`` (sorted) and their counts, for annotations each paired with the ``after``
-    annotations that follow it in its example."""
-    n_pairs = int(after.sum())
-    first = np.repeat(np.arange(labels.size), after)
-    offset = np.repeat(np.cumsum(after) - after, after)
+def _count_keys(
+    labels: np.ndarray, after: np.ndarray, m: int, first: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct pair keys ``a * m + b`` (sorted) and their counts, for the annotations ``first`` (all if None),
+    each paired with the ``after`` annotations that follow it in its example."""
+    if first is None:
+        first = np.arange(labels.size)
+    repeats = after[first]
+    n_pairs = int(repeats.sum())
+    offset = np.repeat(np.cumsum(repeats) - repeats, repeats)
+    first = np.repeat(first, repeats)
     second = first + 1 + (np.arange(n_pairs) - offset)
     del offset
-    keys = labels[first] * m + labels[second]
+    keys = labels[first].astype(np.int64) * m + labels[second]
     del first, second
     keys.sort()
     if not keys.size:
@@ -291,18 +300,39 @@ def _count_keys(labels: np.ndarray, after: np.ndarray, m: int) -> tuple[np.ndarr
 
 def counts_from_annotations(ann: Annotations) -> Counts:
     """Counts of one validated shard: label counts, and pair counts (the strict upper triangle of ``Y.T @ Y``)."""
-    m = ann.labels.size
-    label_counts = np.bincount(ann.label_codes, minlength=m).astype(np.int64)
-    pairs = upper_pair_counts(ann.example_codes, ann.label_codes, m)
+    return counts_from_batch([ann])
+
+
+def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
+    """Counts of several validated shards at once: their vocabularies united once and their pairs counted in one
+    pass, which costs far less than counting each and merging (no per-shard vocabulary union or sparse sum)."""
+    if not anns:
+        return Counts.empty()
+    digests = [a.sha256 for a in anns]
+    if len(set(digests)) < len(digests):
+        raise ValueError(f"shard(s) counted twice: {sorted(d for d in digests if digests.count(d) > 1)[:3]}")
+    if len(anns) == 1:
+        labels, positions = anns[0].labels, [None]
+    else:
+        labels, positions = _sorted_union_many([a.labels for a in anns])
+    m = labels.size
+    offsets = np.cumsum([0, *(a.n_examples for a in anns)])
+    example_codes = np.concatenate([a.example_codes + off for a, off in zip(anns, offsets[:-1], strict=True)])
+    label_codes = np.concatenate(
+        [a.label_codes if pos is None else pos[a.label_codes] for a, pos in zip(anns, positions, strict=True)]
+    )
+    label_counts = np.bincount(label_codes, minlength=m).astype(np.int64)
+    pairs = upper_pair_counts(example_codes, label_codes, m)
     manifest = {
-        ann.sha256: {
-            "path": str(ann.path),
-            "n_examples": ann.n_examples,
-            "n_annotations": ann.n_annotations,
-            "n_rows": ann.n_rows,
+        a.sha256: {
+            "path": str(a.path),
+            "n_examples": a.n_examples,
+            "n_annotations": a.n_annotations,
+            "n_rows": a.n_rows,
         }
+        for a in anns
     }
-    return Counts(ann.labels, label_counts, pairs, ann.n_examples, manifest)
+    return Counts(labels, label_counts, pairs, int(offsets[-1]), manifest)
 
 
 def count_shard(path: str | Path, expected_sha256: str | None = None) -> Counts:
@@ -316,20 +346,66 @@ def count_shard_with_ids(path: str | Path, expected_sha256: str | None = None) -
     return counts_from_annotations(ann), ann.example_ids
 
 
-def _count_or_error(path: str, expected_sha256: str | None) -> tuple[Counts, np.ndarray] | ShardError:
-    # Returned, not raised, so that one bad shard does not cancel the other tasks.
-    try:
-        return count_shard_with_ids(path, expected_sha256)
-    except ShardError as exc:
-        return exc
+#: Outcome of one shard of a batch: its content hash and example-id fingerprints, or why it was rejected.
+ShardOutcome = tuple[str, np.ndarray] | ShardError
+
+
+def count_batch(
+    paths: Sequence[str | Path], expected_hashes: Sequence[str | None] | None = None
+) -> tuple[Counts, list[ShardOutcome]]:
+    """Validate several shards and count the valid ones as one (:func:`counts_from_batch`).
+
+    Each shard is validated on its own: a bad one is returned as its :class:`ShardError` (returned, not raised,
+    so that it costs neither the other shards of the batch nor the other tasks) and contributes nothing.
+    """
+    expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
+    anns: list[Annotations] = []
+    outcomes: list[ShardOutcome] = []
+    for path, sha in zip(paths, expected, strict=True):
+        try:
+            ann = read_annotations(path, expected_sha256=sha)
+        except ShardError as exc:
+            outcomes.append(exc)
+            continue
+        anns.append(ann)
+        outcomes.append((ann.sha256, ann.example_ids))
+    return counts_from_batch(anns), outcomes
+
+
+#: Parquet bytes one count task reads at most: the shards of a batch share one vocabulary and one pass over their
+#: pairs, so the costs of a task and of a merge are paid per batch, not per shard. Bounds a task's working
+#: memory (about 40 bytes per annotation, plus a block of pairs).
+BATCH_BYTES = 4 << 20
+#: Batches per worker thread at least, while there are shards enough, so that every worker stays busy to the end.
+BATCHES_PER_SLOT = 4
+
+
+def plan_batches(sizes: Sequence[int], slots: int = 1, max_bytes: int = BATCH_BYTES) -> list[range]:
+    """Consecutive runs of shards (by their sizes in bytes) to count one task each: up to ``max_bytes``, and
+    smaller while that leaves fewer than :data:`BATCHES_PER_SLOT` batches per worker thread (``slots``)."""
+    target = min(max_bytes, sum(sizes) / max(1, BATCHES_PER_SLOT * slots))
+    batches: list[range] = []
+    start, filled = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and filled + size > target:
+            batches.append(range(start, i))
+            start, filled = i, 0
+        filled += size
+    if start < len(sizes):
+        batches.append(range(start, len(sizes)))
+    return batches
+
+
+def _first(pair: tuple[Counts, Any]) -> Counts:
+    return pair[0]
+
+
+def _second(pair: tuple[Counts, Any]) -> Any:
+    return pair[1]
 
 
 def _merge_pair(a: Counts, b: Counts) -> Counts:
     return a.merge(b, sorted_union=True)
-
-
-def _first(pair: tuple[Counts, np.ndarray]) -> Counts:
-    return pair[0]
 
 
 @dataclass
@@ -337,7 +413,15 @@ class CountResult:
     counts: Counts  # in sorted vocabulary order
     rejected: list[ShardError]
     seconds: float
-    example_ids: dict[str, np.ndarray] = field(default_factory=dict)  # content hash -> fingerprints, counted shards
+    # content hash -> example-id fingerprints of the counted shards (FingerprintFiles: read from disk when used)
+    example_ids: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # a missing file is reported by its count task, with its name
 
 
 def repeat_error(path: str | Path, repeat: Repeat, other: str) -> ShardError:
@@ -365,14 +449,16 @@ def count_shards(
     index: ExampleIndex | None = None,
     names: dict[str, str] | None = None,
     check_repeats: bool = True,
+    batch_bytes: int = BATCH_BYTES,
 ) -> CountResult:
     """Count shards and sum them. Bad shards are collected in ``rejected`` and contribute nothing.
 
-    With a Dask ``client`` each shard is a task, and shards are summed as they finish by merge tasks on the
-    workers (a binary counter: at most one partial sum per size class waits), so worker memory holds a few partial
-    sums and never every shard's counts; only the final counts and the example-id fingerprints (8 bytes per
-    example) travel back. Without one, shards are counted and summed one after another in this process.
-    ``progress(done, total)`` is called as shards finish.
+    Consecutive shards are counted in batches (:func:`plan_batches`, :func:`count_batch`): with a Dask ``client``
+    each batch is a task, and batches are summed as they finish by merge tasks on the workers (a binary counter:
+    at most one partial sum per size class waits), so worker memory holds a few partial sums and never every
+    batch's counts; only the final counts and the example-id fingerprints (8 bytes per example) travel back.
+    Without one, batches are counted and summed one after another in this process. ``progress(done, total)`` is
+    called as shards finish. ``batch_bytes`` caps the Parquet bytes of a batch, and so a task's memory.
 
     ``expected_hashes`` (one per path: the hash it was listed with) rejects a shard that changed since. A shard
     that repeats an example id of ``index`` (the store's counted examples) or of an earlier path is rejected too;
@@ -383,83 +469,93 @@ def count_shards(
     paths = [str(p) for p in paths]
     expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
     total = len(paths)
+    slots = sum(client.nthreads().values()) if client is not None else 1
+    batches = plan_batches([_size(p) for p in paths], slots, batch_bytes)
     rejected: list[ShardError] = []
-    fingerprints: dict[int, np.ndarray] = {}
+    fingerprints = FingerprintFiles()  # on disk as they arrive: memory stays flat however many examples
     digests: dict[int, str] = {}
     sums = _RunningSum(client)
     done = 0
-    if client is None:
-        for i, path in enumerate(paths):
-            result = _count_or_error(path, expected[i])
-            if isinstance(result, ShardError):
-                rejected.append(result)
+
+    def finished(batch: range, outcomes: list[ShardOutcome]) -> None:
+        nonlocal done
+        for i, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, ShardError):
+                rejected.append(outcome)
             else:
-                counts, fingerprints[i] = result
-                digests[i] = next(iter(counts.manifest))
-                sums.add(counts)
+                digests[i] = outcome[0]
+                fingerprints.add(*outcome)
             done += 1
             fault_point("count:shard-done")
             if progress:
                 progress(done, total)
+
+    if client is None:
+        for batch in batches:
+            counts, outcomes = count_batch([paths[i] for i in batch], [expected[i] for i in batch])
+            if counts.manifest:
+                sums.add(counts)
+            finished(batch, outcomes)
     else:
         from distributed import as_completed
 
         # Keys unique to this run: two runs sharing a scheduler must never receive each other's results.
-        futures = client.map(
-            _count_or_error,
-            paths,
-            expected,
-            pure=False,
-            key=[f"count-shard-{uuid.uuid4().hex[:12]}-{i}" for i in range(total)],
-        )
-        position = {f.key: i for i, f in enumerate(futures)}
-        identity: dict[int, Any] = {}  # futures of (content hash, fingerprints): all fetched at once below
+        run = uuid.uuid4().hex[:12]
+        futures = [
+            client.submit(
+                count_batch,
+                [paths[i] for i in batch],
+                [expected[i] for i in batch],
+                pure=False,
+                key=f"count-batch-{run}-{b}",
+            )
+            for b, batch in enumerate(batches)
+        ]
+        batch_of = {f.key: batches[b] for b, f in enumerate(futures)}
         for future in as_completed(futures):
             error = future.exception()
             if error is not None:
                 raise error
-            # future.type is known to the scheduler: only a (small) error travels here, counts stay on workers
-            if isinstance(future.type, type) and issubclass(future.type, ShardError):
-                rejected.append(future.result())
-            else:
-                i = position[future.key]
-                identity[i] = client.submit(_identity, future, pure=False)
-                sums.add(client.submit(_first, future, pure=False))
-            future.release()  # the shard's counts live on in the merge tasks that use them, then go
-            done += 1
-            fault_point("count:shard-done")
-            if progress:
-                progress(done, total)
+            # Only the outcomes (errors, content hashes, fingerprints: 8 bytes per example) travel here; the counts
+            # stay on the workers, in the merge tasks that use them. These small tasks and the merges go first
+            # (priority 1): otherwise a worker runs every waiting count task before them, and holds every batch's
+            # counts until the end.
+            outcomes = client.submit(_second, future, pure=False, priority=1).result()
+            sums.add(client.submit(_first, future, pure=False, priority=1))
+            future.release()
+            finished(batch_of[future.key], outcomes)
         del futures
-        for i, (digest, ids) in zip(identity, client.gather(list(identity.values())), strict=True):
-            digests[i], fingerprints[i] = digest, ids
     counts = sums.result()
 
     if check_repeats:
         # Example ids repeated across shards: decided in the paths' order, so the outcome never depends on timing.
-        order = sorted(fingerprints)
-        repeats = find_repeats(index or ExampleIndex.empty(), [(str(i), fingerprints[i]) for i in order])
+        order = sorted(digests)
+        position = {digests[i]: i for i in order}
+        repeats = find_repeats(index or ExampleIndex.empty(), fingerprints, order=[digests[i] for i in order])
         if repeats:
             names = names or {}
             for repeat in repeats:
-                i = int(repeat.shard)
-                other = paths[int(repeat.other)] if repeat.other.isdigit() else names.get(repeat.other, repeat.other)
-                rejected.append(repeat_error(paths[i], repeat, f"shard {other}"))
-            dropped = {int(r.shard) for r in repeats}
+                i = position[repeat.shard]
+                other = paths[position[repeat.other]] if repeat.other in position else names.get(repeat.other)
+                rejected.append(repeat_error(paths[i], repeat, f"shard {other or repeat.other}"))
+            dropped = {position[r.shard] for r in repeats}
             kept = [i for i in order if i not in dropped]
             log.warning("%d shard(s) repeat example ids: summing the other %d again", len(dropped), len(kept))
             again = count_shards(
-                [paths[i] for i in kept], client, expected_hashes=[expected[i] for i in kept], check_repeats=False
+                [paths[i] for i in kept],
+                client,
+                expected_hashes=[expected[i] for i in kept],
+                check_repeats=False,
+                batch_bytes=batch_bytes,
             )
             rejected.extend(again.rejected)
             counts = again.counts
             # only what was counted again (a shard may have changed since) goes into the example-id index
-            fingerprints = {i: fingerprints[i] for i in kept if digests[i] in counts.manifest}
+            for digest in [d for d in fingerprints if d not in counts.manifest]:
+                fingerprints.discard(digest)
     rejected.sort(key=lambda e: str(e.path))
     fault_point("count:merged")
-    return CountResult(
-        counts.sorted(), rejected, time.perf_counter() - start, {digests[i]: fingerprints[i] for i in fingerprints}
-    )
+    return CountResult(counts.sorted(), rejected, time.perf_counter() - start, fingerprints)
 
 
 class _RunningSum:
@@ -471,7 +567,10 @@ class _RunningSum:
         self.stack: list[tuple[int, Any]] = []  # (size class, Counts or a future of Counts)
 
     def _merge(self, a: Any, b: Any) -> Any:
-        return self.client.submit(_merge_pair, a, b, pure=False) if self.client else _merge_pair(a, b)
+        if self.client is None:
+            return _merge_pair(a, b)
+        # Before any waiting count task: a partial sum is merged as soon as its partner exists, not at the end.
+        return self.client.submit(_merge_pair, a, b, pure=False, priority=1)
 
     def add(self, counts: Any) -> None:
         level = 0
@@ -491,7 +590,3 @@ class _RunningSum:
             total = self._merge(self.stack.pop()[1], total)
         self.stack = []
         return total.result() if self.client else total
-
-
-def _identity(pair: tuple[Counts, np.ndarray]) -> tuple[str, np.ndarray]:
-    return next(iter(pair[0].manifest)), pair[1]

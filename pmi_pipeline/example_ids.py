@@ -9,8 +9,11 @@ match is about 3e-4, and a reported repeat is confirmed on the actual id strings
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -98,42 +101,124 @@ class Repeat:
     n_repeated: int
 
 
-def find_repeats(index: ExampleIndex, new: Sequence[tuple[str, np.ndarray]]) -> list[Repeat]:
+#: Fingerprints the repeat check holds at once, about (8 bytes each, plus a sorted copy): it goes through the
+#: fingerprint space in as many equal ranges as that takes, instead of sorting all of them together.
+RANGE_FINGERPRINTS = 1 << 20
+#: The finest split of the fingerprint space that :class:`FingerprintFiles` can read by (a power of 2).
+MAX_RANGES = 256
+
+
+class FingerprintFiles(Mapping[str, np.ndarray]):
+    """Shards' sorted fingerprints, each in a file of a temporary directory, readable one fingerprint range at a
+    time.
+
+    Counting 10^8 annotations gathers fingerprints of 2 x 10^7 examples (160 MB); kept here, what the counting
+    process holds stays flat however many examples there are, and :func:`find_repeats` reads one range of every
+    shard at a time. The directory goes with the object.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="pmi-pipeline-ids-")
+        self._files: dict[str, tuple[Path, np.ndarray]] = {}  # key -> file, where each finest range starts in it
+
+    def add(self, key: str, hashes: np.ndarray) -> None:
+        """Keep a shard's fingerprints (sorted, distinct) under ``key``."""
+        if key in self._files:
+            raise ValueError(f"shard counted twice: {key}")
+        hashes = np.ascontiguousarray(hashes, np.uint64)
+        path = Path(self._dir.name) / hashlib.sha1(key.encode()).hexdigest()
+        hashes.tofile(path)
+        self._files[key] = (path, _range_bounds(hashes, MAX_RANGES))
+
+    def range(self, key: str, r: int, n_ranges: int) -> np.ndarray:
+        """The fingerprints of ``key`` in range ``r`` of ``n_ranges`` equal ones (a power of 2)."""
+        path, bounds = self._files[key]
+        step = MAX_RANGES // n_ranges
+        lo, hi = int(bounds[r * step]), int(bounds[(r + 1) * step])
+        return np.fromfile(path, np.uint64, count=hi - lo, offset=8 * lo)
+
+    @property
+    def n_fingerprints(self) -> int:
+        return sum(int(bounds[-1]) for _, bounds in self._files.values())
+
+    def discard(self, key: str) -> None:
+        self._files.pop(key)[0].unlink()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.fromfile(self._files[key][0], np.uint64)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _range_bounds(hashes: np.ndarray, n_ranges: int) -> np.ndarray:
+    """Where each of ``n_ranges`` equal fingerprint ranges (a power of 2) starts in sorted ``hashes``, and their
+    end."""
+    shift = 64 - (n_ranges.bit_length() - 1)
+    edges = np.array([r << shift if shift < 64 else 0 for r in range(n_ranges)], np.uint64)
+    return np.append(np.searchsorted(hashes, edges), hashes.size)
+
+
+def _n_ranges(n_fingerprints: int) -> int:
+    """Ranges enough for about :data:`RANGE_FINGERPRINTS` per range: a power of 2, at most :data:`MAX_RANGES`."""
+    needed = -(-n_fingerprints // RANGE_FINGERPRINTS)
+    return min(MAX_RANGES, 1 << max(0, needed - 1).bit_length())
+
+
+def find_repeats(
+    index: ExampleIndex,
+    new: Sequence[tuple[str, np.ndarray]] | FingerprintFiles,
+    *,
+    order: Sequence[str] | None = None,
+    n_ranges: int | None = None,
+) -> list[Repeat]:
     """New shards (in priority order) that share an example id with the index or with an earlier accepted new shard.
 
-    Greedy in the given order: a shard that repeats nothing is accepted, and only accepted shards can make a later
-    one a repeat, so a rejected shard never causes another rejection through ids that are not counted.
+    ``new`` is (key, sorted fingerprints) pairs, or :class:`FingerprintFiles` taken in ``order`` (default: the
+    order they were added). Greedy in the given order: a shard that repeats nothing is accepted, and only
+    accepted shards can make a later one a repeat, so a rejected shard never causes another rejection through ids
+    that are not counted. Conflicts are found one fingerprint range at a time (``n_ranges``, a power of 2 up to
+    :data:`MAX_RANGES`; by default enough for about :data:`RANGE_FINGERPRINTS` each), so the working memory is
+    bounded, not all fingerprints and their sorted copies.
     """
-    if not new:
+    if isinstance(new, FingerprintFiles):
+        files = new
+        keys = list(order if order is not None else files)
+        n_ranges = n_ranges or _n_ranges(len(index) + files.n_fingerprints)
+
+        def read(key: str, r: int) -> np.ndarray:
+            return files.range(key, r, n_ranges)
+
+    else:
+        keys = [key for key, _ in new]
+        arrays = {key: np.asarray(h, np.uint64) for key, h in new}
+        n_ranges = n_ranges or _n_ranges(len(index) + sum(a.size for a in arrays.values()))
+        bounds = {key: _range_bounds(h, n_ranges) for key, h in arrays.items()}
+
+        def read(key: str, r: int) -> np.ndarray:
+            return arrays[key][bounds[key][r] : bounds[key][r + 1]]
+
+    if not keys:
         return []
-    keys = [key for key, _ in new]
-    parts = [np.asarray(h, np.uint64) for _, h in new]
-    everything = np.sort(np.concatenate([index.hashes, *parts]))  # values only: several times faster than argsort
-    repeated = np.unique(everything[1:][everything[1:] == everything[:-1]])
-    if repeated.size == 0:
-        return []
-    # Owners of each repeated fingerprint (fingerprints are distinct within a shard): -1 for the stored index.
-    owners = [(-1, index.hashes), *enumerate(parts)]
-    members: list[list[int]] = [[] for _ in range(repeated.size)]
-    for owner, hashes in owners:
-        at = np.searchsorted(hashes, repeated)
-        hit = np.flatnonzero(hashes[np.minimum(at, max(hashes.size - 1, 0))] == repeated) if hashes.size else []
-        for r in np.asarray(hit).tolist():
-            members[r].append(owner)
-    # Conflict edges (earlier owner, later owner, fingerprint): every pair of owners of a repeated fingerprint.
-    edge_list = [
-        (a, b, int(repeated[r])) for r, ms in enumerate(members) for x, a in enumerate(ms) for b in ms[x + 1 :]
+    stored = _range_bounds(index.hashes, n_ranges)
+    edges_found = [
+        _conflicts([index.hashes[stored[r] : stored[r + 1]], *(read(key, r) for key in keys)]) for r in range(n_ranges)
     ]
-    e = np.array([a for a, _, _ in edge_list], np.int64)
-    lt = np.array([b for _, b, _ in edge_list], np.int64)
-    f = np.array([h for _, _, h in edge_list], np.uint64)
+    e = np.concatenate([x[0] for x in edges_found])
+    lt = np.concatenate([x[1] for x in edges_found])
+    f = np.concatenate([x[2] for x in edges_found])
+    if not e.size:
+        return []
     repeats: list[Repeat] = []
     accepted: set[int] = set()
     by_later = np.argsort(lt, kind="stable")
     e, lt, f = e[by_later], lt[by_later], f[by_later]
-    bounds = np.searchsorted(lt, np.arange(len(new) + 1))
-    for shard in range(len(new)):
-        lo, hi = bounds[shard], bounds[shard + 1]
+    bounds_of = np.searchsorted(lt, np.arange(len(keys) + 1))
+    for shard in range(len(keys)):
+        lo, hi = bounds_of[shard], bounds_of[shard + 1]
         live = [k for k in range(lo, hi) if e[k] == -1 or int(e[k]) in accepted]
         if not live:
             accepted.add(shard)
@@ -145,3 +230,28 @@ def find_repeats(index: ExampleIndex, new: Sequence[tuple[str, np.ndarray]]) -> 
             other = keys[int(e[k])]
         repeats.append(Repeat(keys[shard], other, int(f[k]), len({int(f[j]) for j in live})))
     return repeats
+
+
+def _conflicts(owners: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (earlier owner, later owner, fingerprint) for fingerprints in more than one of the sorted arrays
+    (distinct within each); owners are numbered from -1 (the first array: the stored index)."""
+    everything = np.sort(np.concatenate(owners))  # values only: several times faster than argsort
+    repeated = np.unique(everything[1:][everything[1:] == everything[:-1]])
+    none = np.empty(0, np.int64)
+    if repeated.size == 0:
+        return none, none, np.empty(0, np.uint64)
+    members: list[list[int]] = [[] for _ in range(repeated.size)]
+    for owner, hashes in enumerate(owners, start=-1):
+        if not hashes.size:
+            continue
+        at = np.minimum(np.searchsorted(hashes, repeated), hashes.size - 1)
+        for r in np.flatnonzero(hashes[at] == repeated).tolist():
+            members[r].append(owner)
+    edge_list = [
+        (a, b, int(repeated[r])) for r, ms in enumerate(members) for x, a in enumerate(ms) for b in ms[x + 1 :]
+    ]
+    return (
+        np.array([a for a, _, _ in edge_list], np.int64),
+        np.array([b for _, b, _ in edge_list], np.int64),
+        np.array([h for _, _, h in edge_list], np.uint64),
+    )

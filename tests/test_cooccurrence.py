@@ -10,7 +10,15 @@ import pytest
 import scipy.sparse as sp
 from conftest import reference_counts
 
-from pmi_pipeline.cooccurrence import Counts, count_shards, upper_pair_counts
+from pmi_pipeline.cooccurrence import (
+    BATCHES_PER_SLOT,
+    Counts,
+    count_batch,
+    count_shards,
+    plan_batches,
+    upper_pair_counts,
+)
+from pmi_pipeline.errors import ShardError
 from pmi_pipeline.shards import discover_shards, read_annotations, write_annotation_shard
 
 
@@ -119,3 +127,51 @@ def test_running_sum_holds_one_partial_per_size_class(n, bibtex_dir):
     assert len(running.stack) == bin(n).count("1")
     total = running.result()
     assert total.n_examples == n * shard.n_examples and (total.pairs != shard.pairs * n).nnz == 0
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 40])
+@pytest.mark.parametrize("dataset", ["delicious", "eurlex"])
+def test_batched_counts_equal_the_reference(dataset, batch_bytes, data_dir, tmp_path):
+    """Shards counted one per batch, or all in one batch (one vocabulary, one pass over the pairs)."""
+    paths = resplit(discover_shards([data_dir / dataset]), tmp_path, 5)
+    result = count_shards(paths, batch_bytes=batch_bytes)
+    assert_matches_reference(result.counts, paths)
+    assert sorted(e["path"] for e in result.counts.manifest.values()) == sorted(map(str, paths))
+
+
+def test_a_bad_shard_costs_its_batch_nothing(eurlex_dir, tmp_path, dask_clients):
+    """A bad shard inside a batch is rejected on its own; the batch's other shards are counted."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 4)
+    bad = tmp_path / "part-001a.parquet"  # sorts between the others: in the middle of the batch
+    bad.write_bytes(b"not parquet at all")
+    every = sorted([*paths, bad])
+    counts, outcomes = count_batch(every)
+    assert [isinstance(o, ShardError) for o in outcomes] == [p == bad for p in every]
+    assert counts.equals(count_shards(paths).counts)
+    for client in (None, dask_clients[2]):
+        result = count_shards(every, client, batch_bytes=1 << 40)
+        assert [e.path for e in result.rejected] == [str(bad)]
+        assert result.counts.equals(count_shards(paths).counts) and len(result.example_ids) == len(paths)
+
+
+def test_the_same_shard_twice_in_a_batch_is_refused(bibtex_dir, tmp_path):
+    path = discover_shards([bibtex_dir])[0]
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="counted twice"):
+        count_batch([path, copy])
+
+
+@pytest.mark.parametrize("slots", [1, 2, 8])
+@pytest.mark.parametrize("sizes", [[5] * 40, [1, 30, 2, 2, 9, 40, 1, 1, 1, 3], [7], []])
+def test_batches_are_consecutive_capped_and_enough_for_every_worker(sizes, slots):
+    cap = 12
+    batches = plan_batches(sizes, slots, cap)
+    assert [i for b in batches for i in b] == list(range(len(sizes)))  # every shard once, in order
+    for b in batches:
+        assert len(b) == 1 or sum(sizes[i] for i in b) <= cap  # over the cap only as a single shard
+    if sizes:
+        target = min(cap, sum(sizes) / (BATCHES_PER_SLOT * slots))
+        # a batch is closed only when the next shard would overflow the target
+        for b, nxt in itertools.pairwise(batches):
+            assert sum(sizes[i] for i in b) + sizes[nxt[0]] > target

@@ -256,14 +256,14 @@ class KillFirstShardHolder(SchedulerPlugin):
     def __init__(self, pids: dict[str, int]):
         self.pids = pids
         self.killed: tuple[str, str, int] | None = None  # (key, worker address, pid)
-        self.in_memory: Counter[str] = Counter()  # count-shard key -> times it reached memory
+        self.in_memory: Counter[str] = Counter()  # count-batch key -> times it reached memory
         self.removed: list[str] = []
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
 
     def transition(self, key, start, finish, *args, stimulus_id, **kwargs) -> None:
-        if finish != "memory" or not str(key).startswith("count-shard"):
+        if finish != "memory" or not str(key).startswith("count-batch"):
             return
         self.in_memory[str(key)] += 1
         if self.killed is None:
@@ -295,7 +295,7 @@ def worker_killer(cluster):
 
 
 def assert_worker_died_and_work_was_redone(plugin: KillFirstShardHolder) -> None:
-    assert plugin.killed is not None, "no count-shard task reached memory"
+    assert plugin.killed is not None, "no count-batch task reached memory"
     key, address, pid = plugin.killed
     assert address in plugin.removed, "the scheduler never noticed the dead worker"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -195,7 +195,7 @@ def test_cli_embed_on_the_cluster_equals_in_process(cluster, bibtex_dir, tmp_pat
     assert EmbeddingStore(store).versions() == ["v0001"]
     # the shard was counted on the external cluster (not on a LocalCluster of the command's own)
     workers = _worker_processes(cluster)
-    counted = [r["worker"] for r in stream.data if _key(r).startswith("count-shard-")]
+    counted = [r["worker"] for r in stream.data if _key(r).startswith("count-batch-")]
     assert len(counted) == 1 and counted[0] in workers
 
     reference = tmp_path / "in-process"
@@ -214,7 +214,7 @@ def test_count_tasks_run_on_both_worker_processes(cluster, eurlex_dir, tmp_path)
         result = embed(shards, tmp_path / "s", PARAMS, client)
     assert result.version == "v0001" and result.rejected == []
 
-    counted = {_key(r): r["worker"] for r in stream.data if _key(r).startswith("count-shard-")}
+    counted = {_key(r): r["worker"] for r in stream.data if _key(r).startswith("count-batch-")}
     assert len(counted) == len(shards)  # one task per shard
     assert set(counted.values()) == set(workers)  # both workers counted shards (idle workers take turns)
     assert all(workers[w]["pid"] != os.getpid() for w in counted.values())
@@ -239,7 +239,7 @@ def test_a_worker_that_dies_mid_run_loses_nothing(cluster, eurlex_dir, tmp_path)
         def kill_w2(stage: str, done: int, total: int) -> None:
             if stage == "count" and not lost:
                 held = [*cluster.client.processing([w2])[w2], *cluster.client.has_what([w2])[w2]]
-                lost.extend(str(k) for k in held if str(k).startswith("count-shard-"))
+                lost.extend(str(k) for k in held if str(k).startswith("count-batch-"))
                 os.killpg(proc.pid, signal.SIGKILL)
 
         with dask_client(cluster.address) as client, get_task_stream(client) as stream:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.embed import EmbedParams, embed
-from pmi_pipeline.example_ids import ExampleIndex, find_repeats, hash_example_ids
+from pmi_pipeline.example_ids import ExampleIndex, FingerprintFiles, find_repeats, hash_example_ids
 from pmi_pipeline.shards import discover_shards, write_annotation_shard
 from pmi_pipeline.store import EmbeddingStore
 
@@ -91,15 +91,48 @@ def repeats_ref(stored: set[int], new: list[tuple[str, set[int]]]) -> list[tuple
     st.lists(st.sets(st.integers(0, 60), min_size=1, max_size=12), max_size=6),
 )
 def test_find_repeats_matches_the_reference(stored, shards):
-    index = ExampleIndex.empty().add({"stored": np.sort(np.array(sorted(stored), np.uint64))}) if stored else None
+    """In memory or from files, in one fingerprint range or several (values spread over all 64 bits, as
+    fingerprints are, so that each range holds some), and with the files added in another order than checked."""
+    spread = {i: (i * 0x9E3779B97F4A7C15 ^ i) % 2**64 for i in range(61)}
+    stored = {spread[i] for i in stored}
+    shards = [{spread[i] for i in ids} for ids in shards]
+    index = ExampleIndex.empty().add({"stored": np.array(sorted(stored), np.uint64)}) if stored else None
     new = [(f"s{i}", np.array(sorted(ids), np.uint64)) for i, ids in enumerate(shards)]
-    found = find_repeats(index or ExampleIndex.empty(), new)
     expected = repeats_ref(stored, [(k, set(ids)) for k, ids in zip([k for k, _ in new], shards, strict=True)])
-    assert [r.shard for r in found] == [k for k, _ in expected]
-    # each reported repeat names a fingerprint the shard really shares with the shard it names
     owner = {"stored": set(stored)} | {k: set(ids) for k, ids in zip([k for k, _ in new], shards, strict=True)}
-    for r in found:
-        assert r.fingerprint in owner[r.shard] and r.fingerprint in owner[r.other]
+    files = FingerprintFiles()
+    for key, hashes in new[::-1]:
+        files.add(key, hashes)
+    for found in (
+        find_repeats(index or ExampleIndex.empty(), new),
+        find_repeats(index or ExampleIndex.empty(), new, n_ranges=8),
+        find_repeats(index or ExampleIndex.empty(), files, order=[k for k, _ in new]),
+        find_repeats(index or ExampleIndex.empty(), files, order=[k for k, _ in new], n_ranges=4),
+    ):
+        assert [r.shard for r in found] == [k for k, _ in expected]
+        # each reported repeat names a fingerprint the shard really shares with the shard it names
+        for r in found:
+            assert r.fingerprint in owner[r.shard] and r.fingerprint in owner[r.other]
+
+
+def test_fingerprint_files_read_back_whole_and_by_range():
+    rng = np.random.default_rng(0)
+    hashes = np.unique(rng.integers(0, 2**64 - 1, 10_000, dtype=np.uint64, endpoint=True))
+    hashes[-1] = np.uint64(2**64 - 1)  # the largest fingerprint falls in the last range
+    files = FingerprintFiles()
+    files.add("a", hashes)
+    files.add("empty", np.empty(0, np.uint64))
+    np.testing.assert_array_equal(files["a"], hashes)
+    for n in (1, 16, 256):
+        parts = [files.range("a", r, n) for r in range(n)]
+        np.testing.assert_array_equal(np.concatenate(parts), hashes)
+        assert all(p.size == 0 or p[0] >> np.uint64(64 - n.bit_length() + 1) == r for r, p in enumerate(parts[1:], 1))
+        assert all(files.range("empty", r, n).size == 0 for r in range(n))
+    assert sorted(files) == ["a", "empty"] and len(files) == 2 and files.n_fingerprints == hashes.size
+    with pytest.raises(ValueError, match="counted twice"):
+        files.add("a", hashes)
+    files.discard("a")
+    assert "a" not in files and len(files) == 1
 
 
 def _shard(path, ids, labels):

@@ -131,3 +131,23 @@ def test_parameters_are_validated():
         FactorizeParams(method="nmf")
     with pytest.raises(ValueError, match="dim"):
         FactorizeParams(dim=0)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6, 1e10, np.inf])
+def test_orthonormal_basis_spans_the_columns_at_any_conditioning(cond):
+    """CholeskyQR2 where Y is well enough conditioned, Householder (tsqr) beyond: Q orthonormal, same span."""
+    import dask.array as da
+
+    from pmi_pipeline.factorize import _orthonormal
+
+    rng = np.random.default_rng(0)
+    m, width = 3000, 40
+    u, _ = np.linalg.qr(rng.standard_normal((m, width)))
+    v, _ = np.linalg.qr(rng.standard_normal((width, width)))
+    singular = np.logspace(0, -np.log10(cond), width) if np.isfinite(cond) else np.r_[np.ones(30), np.zeros(10)]
+    y = (u * singular) @ v.T
+    q = _orthonormal(da.from_array(y, chunks=(700, width))).compute()
+    np.testing.assert_allclose(q.T @ q, np.eye(width), atol=1e-10)
+    rank = int((singular > 1e-12).sum())
+    basis = u[:, :rank]  # Y's column space (to rounding)
+    np.testing.assert_allclose(np.linalg.norm(q @ (q.T @ basis) - basis), 0, atol=1e-6)

@@ -15,8 +15,8 @@ from pmi_pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 #: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's mmap threshold at
-#: 128 KiB: every large numpy temporary is then a fresh mmap, page-faulted in and unmapped again. Counting spent
-#: 36% more time so (bench/results/malloc-*.json). Up to 32 MiB, allocations come from the heap and are reused.
+#: 128 KiB: every large numpy temporary is then a fresh mmap, page-faulted in and unmapped again. Counting took
+#: 1.16x as long so (bench/worker_malloc.py). Up to 32 MiB, allocations now come from the heap and are reused.
 #: For workers started by ``dask worker``, set the same in their environment (docs/scale-out.md).
 WORKER_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 << 20}
 

@@ -5,7 +5,8 @@
 2. Merging two per-shard counts: the sorted union of the vocabularies with Python sets and ``sorted`` plus two
    hash lookups (before) against one Arrow hash pass and sort (``cooccurrence._sorted_union``, after).
 3. ``A @ Q`` in the factorization: the PMI matrix in square blocks (before) against row blocks with every column
-   (``factorize.to_dask``, after), on Dask's threaded scheduler.
+   (``factorize.to_dask``, after), on Dask's threaded scheduler; and then the row-block product in float64
+   (before) against float32 (``factorize._times``, after).
 4. Counting several shards: each shard counted alone and the counts merged (before, ``batch_bytes=1``) against
    batches of shards sharing one vocabulary and one pass over their pairs (``cooccurrence.count_batch``, after),
    in one process.
@@ -67,12 +68,14 @@ def union_before(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return labels, _positions(a, labels), _positions(b, labels)
 
 
-def matmul(a: sp.csr_matrix, q: np.ndarray, square: bool, block: int) -> np.ndarray:
-    qd = da.from_array(q, chunks=(block, q.shape[1]))
+def matmul(a: sp.csr_matrix, q: np.ndarray, square: bool, block: int, dtype: type = np.float64) -> np.ndarray:
+    """``A @ Q`` in square blocks or in row blocks, in float64 or float32 (as ``factorize._times`` does)."""
+    qd = da.from_array(q.astype(dtype), chunks=(block, q.shape[1]))
     if square:
-        ad = da.from_array(a, chunks=(block, block), asarray=False, fancy=False)
+        ad = da.from_array(a.astype(dtype), chunks=(block, block), asarray=False, fancy=False)
         return da.dot(ad, qd).compute()
-    return _times(to_dask(a, block), qd).compute()
+    ad = da.from_array(a.astype(dtype), chunks=(block, a.shape[1]), asarray=False, fancy=False)
+    return da.dot(ad, qd.rechunk({0: -1})).compute()
 
 
 def main() -> None:
@@ -81,7 +84,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=250000, help="examples in the shard of comparison 1")
     parser.add_argument("--vocabulary", type=int, default=400000, help="labels per side in comparison 2")
     parser.add_argument("--m", type=int, default=60000, help="matrix size in comparison 3")
-    parser.add_argument("--shards", type=int, default=12, help="shards of --examples examples in comparison 4")
+    parser.add_argument("--shards", type=int, default=40, help="shards in comparison 4")
+    parser.add_argument("--shard-examples", type=int, default=50000, help="examples per shard in comparison 4")
     parser.add_argument("--qr-rows", type=int, default=100000, help="rows of the sketch in comparison 5")
     parser.add_argument("--qr-width", type=int, default=512, help="columns of the sketch in comparison 5")
     parser.add_argument("--repeat", type=int, default=3)
@@ -117,11 +121,24 @@ def main() -> None:
     with dask.config.set(scheduler="threads"):
         t0, before = best(args.repeat, lambda: matmul(a, q, True, 16384))
         t1, after = best(args.repeat, lambda: matmul(a, q, False, 16384))
+        t2, single = best(args.repeat, lambda: _times(to_dask(a, 16384), da.from_array(q, chunks=16384)).compute())
     np.testing.assert_allclose(before, after, rtol=1e-9, atol=1e-9)
+    error = float(np.linalg.norm(single - after) / np.linalg.norm(after))
+    assert error < 1e-5, error
     results["factorize_matmul"] = {"m": args.m, "nnz": int(a.nnz), "before_s": t0, "after_s": t1, "speedup": t0 / t1}
+    results["float32_matmul"] = {
+        "m": args.m,
+        "nnz": int(a.nnz),
+        "before_s": t1,
+        "after_s": t2,
+        "speedup": t1 / t2,
+        "relative_error": error,
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = SynthConfig(n_examples=args.examples * args.shards, n_labels=args.labels, shard_size=args.examples)
+        config = SynthConfig(
+            n_examples=args.shard_examples * args.shards, n_labels=args.labels, shard_size=args.shard_examples
+        )
         write_corpus(tmp, config, progress=False)
         paths = discover_shards([tmp])
         t0, before = best(args.repeat, lambda: count_shards(paths, batch_bytes=1).counts)
@@ -152,7 +169,8 @@ def main() -> None:
     }
 
     results["load_average_at_end"] = os.getloadavg()
-    for name in ("pair_counting", "vocabulary_union", "factorize_matmul", "batched_counting", "orthonormalize"):
+    names = ("pair_counting", "vocabulary_union", "factorize_matmul", "float32_matmul", "batched_counting")
+    for name in (*names, "orthonormalize"):
         r = results[name]
         print(f"{name:18s} before {r['before_s']:7.3f} s  after {r['after_s']:7.3f} s  {r['speedup']:5.2f}x")
     out = ROOT / "bench" / "results" / f"design-changes-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"

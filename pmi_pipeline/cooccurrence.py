@@ -1,7 +1,7 @@
 """Label and label-pair co-occurrence counts, computed shard by shard and summed.
 
 Counts form a commutative monoid: :meth:`Counts.merge` adds two of them over the union of their vocabularies, so
-the total over a corpus is a tree-sum of per-shard counts (on Dask workers), and new shards add to what a store
+the total over a corpus is a tree-sum of per-batch counts (on Dask workers), and new shards add to what a store
 already holds without recounting. Memory is bounded by one shard plus the distinct pairs, never by the corpus.
 
 Per shard: the binary example x label matrix ``Y`` (CSR), ``Y.T @ Y`` gives pair counts off the diagonal and label

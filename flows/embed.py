@@ -73,28 +73,31 @@ def find_shards(specs: list[str]) -> list[str]:
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,
 )
-def select_new_shards(store: str, shards: list[str]) -> list[str]:
-    """The shards whose content hash is not in the store's latest manifest (all of them for a new store)."""
+def select_new_shards(store: str, shards: list[str]) -> dict[str, str]:
+    """The shards whose content hash is not in the store's latest manifest (all of them for a new store), each
+    with that hash: the count task's cache key, and what it checks the bytes it counts against."""
     from pmi_pipeline.embed import split_new
     from pmi_pipeline.store import EmbeddingStore
 
     listing = split_new(shards, EmbeddingStore(store).read_manifest())
     for error in listing.changed:  # reported again, as rejected, by the run that publishes
         get_run_logger().error("rejected %s", error)
-    return [str(p) for p in listing.new]
+    return {str(p): digest for p, digest in listing.new.items()}
 
 
 def _shard_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     """Cache a shard's counts by its content hash, not by its name or the run.
 
     Also keyed on where the counts file is kept and on the library's version (a new release may count
-    differently), so a cache hit always names a file this run can use.
+    differently), so a cache hit always names a file this run can use. The hash is the one the shard was listed
+    with, when given (no second read of the file); the task then counts only those bytes.
     """
     from pmi_pipeline import __version__
     from pmi_pipeline.shards import shard_hash
 
     where = hashlib.sha256(str(Path(parameters["cache_dir"]).resolve()).encode()).hexdigest()[:12]
-    return f"pmi-count-{__version__}-{shard_hash(parameters['shard']).removeprefix('sha256:')}-{where}"
+    digest = parameters.get("digest") or shard_hash(parameters["shard"])
+    return f"pmi-count-{__version__}-{digest.removeprefix('sha256:')}-{where}"
 
 
 def example_ids_path(counts_path: Path) -> Path:
@@ -120,18 +123,18 @@ def _count_run_name() -> str:
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,
 )
-def count_shard_task(shard: str, cache_dir: str) -> dict[str, Any]:
+def count_shard_task(shard: str, cache_dir: str, digest: str | None = None) -> dict[str, Any]:
     """Count one shard into ``cache_dir/<hash>.npz``; return the shard, its hash, the counts file or error.
 
-    A shard that breaks the contract is returned as an error (not raised): it is never worth a retry and must
-    not stop the other shards.
+    A shard that breaks the contract, or whose content is no longer ``digest`` (the hash it was listed with), is
+    returned as an error (not raised): it is never worth a retry and must not stop the other shards.
     """
     from pmi_pipeline.cooccurrence import count_shard_with_ids
     from pmi_pipeline.errors import ShardError
 
     logger = get_run_logger()
     try:
-        counts, ids = count_shard_with_ids(shard)
+        counts, ids = count_shard_with_ids(shard, expected_sha256=digest)
     except ShardError as exc:
         logger.error("rejected %s", exc)
         return {"shard": shard, "hash": None, "counts": None, "error": str(exc)}
@@ -264,18 +267,19 @@ def count_new_shards(shards: list[str], store: str, counts_cache: str | None) ->
         progress = create_progress_artifact(
             0.0, key="embed-counting", description=f"Counting {len(new)} new shard(s) into {cache_dir}"
         )
-        futures = {count_shard_task.submit(shard, cache_dir): i for i, shard in enumerate(new)}
+        paths = list(new)
+        futures = {count_shard_task.submit(path, cache_dir, new[path]): i for i, path in enumerate(paths)}
         for done, future in enumerate(as_completed(list(futures)), start=1):
             i = futures[future]
             # A cached result may come from the same content under another name: report this run's path.
-            item = {**future.result(), "shard": new[i], "index": i}
+            item = {**future.result(), "shard": paths[i], "index": i}
             if item["error"]:
                 rejected.append(item["error"])
             else:
                 counted.append(item)
             update_progress_artifact(progress, 100.0 * done / len(new))
         counted.sort(key=lambda item: item["index"])
-    return {"shards": found, "new": new, "counted": counted, "rejected": rejected}
+    return {"shards": found, "new": list(new), "counted": counted, "rejected": rejected}
 
 
 def publish_and_report(store: str, step: dict[str, Any], params: dict[str, Any] | None, t0: float) -> dict[str, Any]:

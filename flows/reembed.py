@@ -187,7 +187,7 @@ def watch_shards_flow(
     if not Path(shard_dir).is_dir():
         logger.warning("%s is not a directory (yet): nothing to watch", shard_dir)
         return {"new": [], "version": None}
-    new = select_new_shards(store, find_shards([shard_dir]))
+    new = list(select_new_shards(store, find_shards([shard_dir])))
     if not new:
         logger.info("no new shard in %s", shard_dir)
         return {"new": [], "version": None}

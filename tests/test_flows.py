@@ -140,6 +140,28 @@ def test_reembedding_is_aligned_and_places_new_labels(prefect_server: PrefectSer
     assert rows["parent"] == "v0001" and rows["mean cosine"] == pytest.approx(alignment["mean_cosine"])
 
 
+def test_a_shard_is_hashed_once_when_listed_and_checked_when_counted(bibtex_dir, tmp_path) -> None:
+    """The count task's cache key is the hash the shard was listed with (no second read of the file), and the task
+    counts the shard only if its bytes still have that hash; otherwise the shard is reported, not counted."""
+    from prefect.logging import disable_run_logger
+
+    from flows.embed import _shard_cache_key, count_shard_task
+    from pmi_pipeline.shards import shard_hash
+
+    shard = next((bibtex_dir / "annotations" / "train").glob("*.parquet"))
+    digest = shard_hash(shard)
+    missing = tmp_path / "gone.parquet"  # never read: the key comes from the listed hash
+    key = _shard_cache_key(None, {"shard": str(missing), "cache_dir": str(tmp_path), "digest": digest})
+    assert digest.removeprefix("sha256:") in key
+    assert key == _shard_cache_key(None, {"shard": str(shard), "cache_dir": str(tmp_path)})
+
+    with disable_run_logger():  # the task's own function, outside a flow run
+        counted = count_shard_task.fn(str(shard), str(tmp_path), digest)
+        stale = count_shard_task.fn(str(shard), str(tmp_path), "sha256:" + "0" * 64)
+    assert counted["error"] is None and counted["hash"] == digest
+    assert stale["counts"] is None and "changed after it was listed" in stale["error"]
+
+
 def test_input_errors_are_not_retried() -> None:
     from prefect.states import Failed
 

@@ -533,18 +533,25 @@ def count_shards(
             for b, batch in enumerate(batches)
         ]
         batch_of = {f.key: batches[b] for b, f in enumerate(futures)}
-        for future in as_completed(futures):
+        outcome_of: dict[str, range] = {}
+        pending = as_completed(futures)
+        for future in pending:
             error = future.exception()
             if error is not None:
                 raise error
-            # Only the outcomes (errors, content hashes, fingerprints: 8 bytes per example) travel here; the counts
-            # stay on the workers, in the merge tasks that use them. These small tasks and the merges go first
-            # (priority 1): otherwise a worker runs every waiting count task before them, and holds every batch's
-            # counts until the end.
-            outcomes = client.submit(_second, future, pure=False, priority=1).result()
+            if future.key in outcome_of:
+                finished(outcome_of.pop(future.key), future.result())
+                continue
+            # A batch is done. Only its outcomes (errors, content hashes, fingerprints: 8 bytes per example) travel
+            # here; its counts stay on the workers, in the merge tasks that use them. Nothing waits here: the
+            # outcomes are taken as they come, so merges are submitted as soon as a batch is done. These small
+            # tasks and the merges go first (priority 1): otherwise a worker runs every waiting count task before
+            # them, and holds every batch's counts until the end.
+            outcomes = client.submit(_second, future, pure=False, priority=1)
+            outcome_of[outcomes.key] = batch_of[future.key]
+            pending.add(outcomes)
             sums.add(client.submit(_first, future, pure=False, priority=1))
             future.release()
-            finished(batch_of[future.key], outcomes)
         del futures
     counts = sums.result()
 

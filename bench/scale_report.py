@@ -114,12 +114,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="bench/embed.py result files")
     parser.add_argument("--img-dir", type=Path, default=Path("docs/img"))
+    parser.add_argument("--name", default="scale", help="figure file names: NAME-annotations.png, NAME-labels.png")
     args = parser.parse_args()
     rows = load_points(args.results)
     print(table(rows))
-    plot(rows, "annotations", "labels", args.img_dir / "scale-annotations.png")
-    plot(rows, "labels", "annotations", args.img_dir / "scale-labels.png")
-    print(f"\nwrote {args.img_dir / 'scale-annotations.png'} and {args.img_dir / 'scale-labels.png'}")
+    by_annotations, by_labels = args.img_dir / f"{args.name}-annotations.png", args.img_dir / f"{args.name}-labels.png"
+    plot(rows, "annotations", "labels", by_annotations)
+    plot(rows, "labels", "annotations", by_labels)
+    print(f"\nwrote {by_annotations} and {by_labels}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Counts form a commutative monoid: :meth:`Counts.merge` adds two of them over the union of their vocabularies, so
 the total over a corpus is a tree-sum of per-batch counts (on Dask workers), and new shards add to what a store
-already holds without recounting. Memory is bounded by one shard plus the distinct pairs, never by the corpus.
+already holds without recounting. Memory is bounded by one batch of shards plus the distinct pairs, never by the
+corpus.
 
 Per shard: the binary example x label matrix ``Y`` (CSR), ``Y.T @ Y`` gives pair counts off the diagonal and label
 counts on it. Pairs are kept once, in the strict upper triangle of the vocabulary order.
@@ -231,8 +232,8 @@ def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> 
     return mat
 
 
-#: Label pairs enumerated at once when counting (about 32 bytes each): bounds the working memory of a count
-#: however many labels its examples have.
+#: Label pairs enumerated at once when counting (about 20 bytes each in the arrays that enumerate them): bounds
+#: that part of a count's working memory however many labels its examples have.
 PAIR_BLOCK = 1 << 21
 
 
@@ -282,8 +283,8 @@ def _count_keys(
     """Distinct pair keys ``a * m + b`` (sorted) and their counts, for the annotations ``first`` (all if None),
     each paired with the ``after`` annotations that follow it in its example.
 
-    About 20 bytes per pair at the peak: positions in int32, and the second annotation of each pair built by a
-    running sum (``first + 1 .. first + after``) rather than from several arrays of offsets.
+    About 20 bytes per pair in the arrays it allocates (48 before): positions in int32, and the second annotation
+    of each pair built by a running sum (``first + 1 .. first + after``) rather than from arrays of offsets.
     """
     idx = _position_dtype(labels.size)
     first = np.arange(labels.size, dtype=idx) if first is None else first
@@ -382,7 +383,7 @@ def count_batch(
         except ShardError as exc:
             outcomes.append(exc)
             continue
-        # Held until the batch is counted: int32 codes, half the memory (they index at most 2^31 values).
+        # Held until the batch is counted, as int32 codes where they fit.
         anns.append(replace(ann, example_codes=_compact(ann.example_codes), label_codes=_compact(ann.label_codes)))
         outcomes.append((ann.sha256, ann.example_ids))
         del ann

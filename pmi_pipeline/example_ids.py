@@ -79,7 +79,7 @@ class ExampleIndex:
     def __len__(self) -> int:
         return int(self.hashes.size)
 
-    def add(self, parts: dict[str, np.ndarray]) -> ExampleIndex:
+    def add(self, parts: Mapping[str, np.ndarray]) -> ExampleIndex:
         """This index plus new shards' fingerprints (which must not repeat any: see :func:`find_repeats`)."""
         shards = self.shards + sorted(parts)
         hashes = [self.hashes] + [np.asarray(parts[s], np.uint64) for s in sorted(parts)]
@@ -114,7 +114,7 @@ class FingerprintFiles(Mapping[str, np.ndarray]):
 
     Counting 10^8 annotations gathers fingerprints of 2 x 10^7 examples (160 MB); kept here, what the counting
     process holds stays flat however many examples there are, and :func:`find_repeats` reads one range of every
-    shard at a time. The directory goes with the object.
+    shard at a time. The directory (in ``TMPDIR``: 8 bytes per example) goes with the object.
     """
 
     def __init__(self) -> None:

@@ -175,3 +175,16 @@ def test_batches_are_consecutive_capped_and_enough_for_every_worker(sizes, slots
         # a batch is closed only when the next shard would overflow the target
         for b, nxt in itertools.pairwise(batches):
             assert sum(sizes[i] for i in b) + sizes[nxt[0]] > target
+
+
+def test_local_workers_get_the_malloc_setting(dask_clients):
+    """Workers of our LocalCluster allocate large arrays from the heap (dask_cluster.WORKER_MALLOC): without it,
+    Dask's nanny setting made counting 1.16x slower (bench/worker_malloc.py)."""
+    import os
+
+    from pmi_pipeline.dask_cluster import WORKER_MALLOC
+
+    (value,) = WORKER_MALLOC.values()
+    for client in dask_clients.values():
+        seen = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+        assert set(seen.values()) == {str(value)}

@@ -1,0 +1,71 @@
+"""Working memory of one count task: ``count_batch`` on 1, 4 and 8 shards, each in a fresh process.
+
+Reports the peak RSS above the process's RSS just before the call (imports done, one shard read to warm up), which
+is what a worker adds while it counts a batch. Run it against another checkout to compare versions::
+
+    python bench/batch_memory.py --labels 1000
+    PYTHONPATH=/path/to/older/checkout python bench/batch_memory.py --labels 1000
+
+writes bench/results/batch-memory-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import json, resource, sys, time
+import psutil
+from pmi_pipeline.cooccurrence import count_batch
+from pmi_pipeline.shards import discover_shards, read_annotations
+paths = discover_shards([sys.argv[1]])[: int(sys.argv[2])]
+read_annotations(paths[0])
+before = psutil.Process().memory_info().rss
+start = time.perf_counter()
+counts, _ = count_batch(paths)
+print(json.dumps({"shards": len(paths), "annotations": counts.n_annotations, "seconds": time.perf_counter() - start,
+                  "added_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 4, 8])
+    args = parser.parse_args()
+    from pmi_pipeline.synth import SynthConfig, write_corpus
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pmi-batch-memory-") as tmp:
+        config = SynthConfig(n_examples=50_000 * max(args.shards), n_labels=args.labels, shard_size=50_000)
+        write_corpus(tmp, config, progress=False)
+        for n in args.shards:
+            out = subprocess.run([sys.executable, "-c", CHILD, tmp, str(n)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    import pmi_pipeline
+
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "library": str(Path(pmi_pipeline.__file__).parent),
+        "args": vars(args),
+        "rows": rows,
+    }
+    print(f"library: {result['library']}\n| shards | annotations | seconds | MiB added |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shards']} | {r['annotations']:,} | {r['seconds']:.2f} | {r['added_mib']:.0f} |")
+    out = ROOT / "bench" / "results" / f"batch-memory-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -101,8 +101,8 @@ class Repeat:
     n_repeated: int
 
 
-#: Fingerprints the repeat check holds at once, about (8 bytes each, plus a sorted copy): it goes through the
-#: fingerprint space in as many equal ranges as that takes, instead of sorting all of them together.
+#: About how many fingerprints the repeat check holds at once (8 bytes each, plus a sorted copy): it goes through
+#: the fingerprint space in as many equal ranges as that takes, instead of sorting all of them together.
 RANGE_FINGERPRINTS = 1 << 20
 #: The finest split of the fingerprint space that :class:`FingerprintFiles` can read by (a power of 2).
 MAX_RANGES = 256

@@ -109,9 +109,9 @@ def to_dask(a: sp.spmatrix, block_size: int) -> da.Array:
 
 #: ``A @ Q`` is computed in float32. The sparse x dense product reads a row of Q per nonzero of A and is bound
 #: by memory traffic; it is most of the factorization's time at scale (10^8 annotations: 98 million nonzeros).
-#: float32 halves that traffic and A's memory, and made a block product 1.33x faster; its relative error, about
-#: 2e-7 per product, is far below the randomized approximation's. Orthonormalization and the small
-#: eigenproblem stay in float64.
+#: float32 halves that traffic and A's memory, and made the product 1.7-2.5x as fast (bench/design_changes.py);
+#: its relative error, about 2e-7 per product, is far below the randomized approximation's. Orthonormalization
+#: and the small eigenproblem stay in float64.
 PRODUCT_DTYPE = np.float32
 
 
@@ -140,8 +140,9 @@ def _orthonormal(y: da.Array) -> da.Array:
     QR where ``y`` is too ill-conditioned for it.
 
     CholeskyQR: ``Q = Y R^-1`` with ``R^T R = Y^T Y``. Its work is two matrix products per pass, done block by
-    block where the blocks are, and only the small l x l Gram matrix travels: several times cheaper than
-    Dask's ``tsqr`` (a Householder QR of every block, then a product to form Q). One pass loses orthogonality
+    block where the blocks are, and only the small l x l Gram matrix travels: 1.3-1.5x as fast as Dask's
+    ``tsqr`` (a Householder QR of every block, then a product to form Q) at 100,000 x 512
+    (bench/design_changes.py). One pass loses orthogonality
     as cond(Y)^2; the second pass, on a nearly orthonormal Q, restores it to rounding. Cholesky fails (or the
     result is not orthonormal) when cond(Y) nears 1e8, e.g. when Y is rank-deficient: then ``tsqr``.
     """

@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,9 +219,10 @@ def _remap_monotone(pairs: sp.csr_matrix, position: np.ndarray, m: int) -> sp.cs
     return sp.csr_matrix((pairs.data, position.astype(dtype)[pairs.indices], indptr), shape=(m, m))
 
 
-def _index_dtype(m: int, nnz: int) -> type:
-    """int32 CSR indices while they fit: 12 bytes per stored pair instead of 16, in every merge."""
-    return np.int32 if max(m, nnz) < 2**31 - 1 else np.int64
+def _index_dtype(*sizes: int) -> type:
+    """int32 indices while every size fits: 12 bytes per stored pair instead of 16 in every merge, 4 bytes per
+    code or position instead of 8 when counting."""
+    return np.int32 if max(sizes, default=0) < 2**31 - 1 else np.int64
 
 
 def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> sp.csr_matrix:
@@ -252,7 +253,7 @@ def upper_pair_counts(
     nnz = example_codes.size
     if not nnz:
         return sp.csr_matrix((m, m), dtype=np.int64)
-    idx = _position_dtype(nnz)
+    idx = _index_dtype(nnz)
     ends = np.cumsum(np.bincount(example_codes))
     after = (ends[example_codes] - np.arange(1, nnz + 1)).astype(idx)  # labels after this one in its example
     del ends
@@ -286,7 +287,7 @@ def _count_keys(
     About 20 bytes per pair in the arrays it allocates (48 before): positions in int32, and the second annotation
     of each pair built by a running sum (``first + 1 .. first + after``) rather than from arrays of offsets.
     """
-    idx = _position_dtype(labels.size)
+    idx = _index_dtype(labels.size)
     first = np.arange(labels.size, dtype=idx) if first is None else first
     repeats = after[first]
     first, repeats = first[repeats > 0], repeats[repeats > 0]
@@ -303,10 +304,6 @@ def _count_keys(
     keys.sort()
     starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
     return keys[starts], np.diff(np.append(starts, keys.size)).astype(np.int64)
-
-
-def _position_dtype(n: int) -> type:
-    return np.int32 if n < 2**31 - 1 else np.int64
 
 
 def counts_from_annotations(ann: Annotations) -> Counts:
@@ -328,7 +325,7 @@ def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
         labels, positions = _sorted_union_many([a.labels for a in anns])
     m = labels.size
     offsets = np.cumsum([0, *(a.n_examples for a in anns)])
-    idx = _position_dtype(max(int(offsets[-1]), m))  # int32 codes: half the memory of a batch
+    idx = _index_dtype(int(offsets[-1]), m)  # int32 codes where they fit
     example_codes = np.concatenate(
         [a.example_codes + off for a, off in zip(anns, offsets[:-1], strict=True)], dtype=idx, casting="same_kind"
     )
@@ -383,10 +380,8 @@ def count_batch(
         except ShardError as exc:
             outcomes.append(exc)
             continue
-        # Held until the batch is counted, as int32 codes where they fit.
-        anns.append(replace(ann, example_codes=_compact(ann.example_codes), label_codes=_compact(ann.label_codes)))
+        anns.append(ann)
         outcomes.append((ann.sha256, ann.example_ids))
-        del ann
     return counts_from_batch(anns), outcomes
 
 
@@ -412,10 +407,6 @@ def plan_batches(sizes: Sequence[int], slots: int = 1, max_bytes: int = BATCH_BY
     if start < len(sizes):
         batches.append(range(start, len(sizes)))
     return batches
-
-
-def _compact(codes: np.ndarray) -> np.ndarray:
-    return codes.astype(_position_dtype(int(codes.max()) + 1 if codes.size else 0), copy=False)
 
 
 def _first(pair: tuple[Counts, Any]) -> Counts:

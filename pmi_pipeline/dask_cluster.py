@@ -55,21 +55,20 @@ def dask_client(
             client.close()
         return
     n_workers = n_workers or os.cpu_count() or 1
-    stack = contextlib.ExitStack()
-    stack.enter_context(dask.config.set(WORKER_MALLOC))  # for restarted workers too: kept until the cluster closes
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        dashboard_address=":0",  # a free port: never collide with another cluster on this machine
-        memory_limit=memory_limit,
-        silence_logs=logging.CRITICAL,  # task errors reach the client as exceptions; the rest is shutdown noise
-    )
-    client = Client(cluster)
-    log.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-        stack.close()
+    # Kept until the cluster closes, for workers the nanny restarts too; and undone if the cluster fails to start.
+    with dask.config.set(WORKER_MALLOC):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address=":0",  # a free port: never collide with another cluster on this machine
+            memory_limit=memory_limit,
+            silence_logs=logging.CRITICAL,  # task errors reach the client as exceptions; the rest is shutdown noise
+        )
+        client = Client(cluster)
+        log.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()

@@ -186,18 +186,24 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return labels, pos_a, pos_b
 
 
-def _sorted_union_many(vocabularies: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Sorted union of vocabularies and where each one's labels land in it, in one hash pass and one sort in
-    Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels). Positions are increasing for a
-    sorted vocabulary, so codes sorted within an example stay sorted."""
-    both = pc.dictionary_encode(pa.array(np.concatenate(list(vocabularies)), pa.string()))
+def _sorted_union_many(vocabularies: Sequence[np.ndarray | pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Sorted union of vocabularies (numpy str or Arrow arrays) and where each one's labels land in it, in one
+    hash pass and one sort in Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels).
+    Positions are increasing for a sorted vocabulary, so codes sorted within an example stay sorted."""
+    both = pc.dictionary_encode(pa.concat_arrays([_arrow_strings(v) for v in vocabularies]))
     distinct = both.dictionary
     order = pc.sort_indices(distinct).to_numpy(zero_copy_only=False)
     rank = np.empty(order.size, np.int64)
     rank[order] = np.arange(order.size)
     position = rank[both.indices.to_numpy(zero_copy_only=False)]
     labels = distinct.take(pa.array(order)).to_numpy(zero_copy_only=False).astype(object)
-    return labels, np.split(position, np.cumsum([v.size for v in vocabularies])[:-1])
+    return labels, np.split(position, np.cumsum([len(v) for v in vocabularies])[:-1])
+
+
+def _arrow_strings(values: np.ndarray | pa.Array) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values.cast(pa.large_string())
+    return pa.array(values, pa.large_string())
 
 
 def _positions(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
@@ -233,9 +239,16 @@ def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> 
     return mat
 
 
-#: Label pairs enumerated at once when counting (about 20 bytes each in the arrays that enumerate them): bounds
-#: that part of a count's working memory however many labels its examples have.
+#: Label pairs enumerated at once when counting (4 or 8 bytes each, a few arrays of that size): bounds that part
+#: of a count's working memory however many labels its examples have.
 PAIR_BLOCK = 1 << 21
+#: Examples with up to this many labels have their pairs enumerated as whole columns: for examples of ``L``
+#: labels, one vector operation per position pair (i, j), i < j, over all of them. Larger ones (rare, with up to
+#: ``L * (L - 1) / 2`` position pairs each) go through :func:`_general_pair_counts`.
+SMALL_EXAMPLE = 32
+#: Pair matrices of up to this many cells (``m * m``; 8 bytes each) are counted with a histogram rather than by
+#: sorting keys: twice as fast where labels are few.
+DENSE_CELLS = 1 << 22
 
 
 def upper_pair_counts(
@@ -244,9 +257,111 @@ def upper_pair_counts(
     """Strict upper triangle of ``Y.T @ Y`` for a binary ``Y`` given as distinct (example, label) codes sorted by
     example, then label.
 
-    Each example's label pairs (a < b) are enumerated directly and counted by sorting their keys ``a * m + b``:
-    half the work of the symmetric sparse product, with no diagonal to drop and no second pass to size the
-    output (docs/performance.md). The sorted keys are the CSR structure itself. Pairs are enumerated in blocks
+    Each example's label pairs (a < b) are enumerated directly and counted by their keys ``a * m + b``: half the
+    work of the symmetric sparse product, with no diagonal to drop (docs/performance.md). Examples are taken
+    by size: the examples of ``L`` labels form an ``L x n`` matrix of label codes, and the keys of their pairs at
+    positions (i, j) are one vector operation on rows i and j, with no index arithmetic per pair. Keys are
+    counted ``block`` at a time.
+    """
+    if not example_codes.size or m < 2:
+        return sp.csr_matrix((m, m), dtype=np.int64)
+    sizes = np.bincount(example_codes)
+    starts = np.cumsum(sizes) - sizes
+    counter = _KeyCounter(m, block)
+    size_class = np.minimum(sizes, SMALL_EXAMPLE + 1).astype(np.uint8)
+    by_size = np.argsort(size_class, kind="stable")  # a radix sort, for 8-bit values
+    bounds = np.searchsorted(size_class[by_size], np.arange(SMALL_EXAMPLE + 2))
+    for size in range(2, SMALL_EXAMPLE + 1):
+        examples = by_size[bounds[size] : bounds[size + 1]]
+        per_example = size * (size - 1) // 2
+        step = max(1, block // per_example)
+        for c in range(0, examples.size, step):
+            first = starts[examples[c : c + step]]
+            n = first.size
+            labels = np.empty((size, n), counter.dtype)  # row i: the i-th label of each example
+            for i in range(size):
+                labels[i] = label_codes[first + i]
+            scaled = labels * counter.dtype(m)
+            keys = counter.reserve(per_example * n)
+            at = 0
+            for i in range(size - 1):
+                for j in range(i + 1, size):
+                    np.add(scaled[i], labels[j], out=keys[at : at + n])
+                    at += n
+    large = (sizes > SMALL_EXAMPLE)[example_codes]
+    if large.any():
+        counter.add_matrix(_general_pair_counts(example_codes[large], label_codes[large], m, block=block))
+    return counter.result()
+
+
+class _KeyCounter:
+    """Counts of pair keys ``a * m + b`` written into a buffer of ``block`` keys, counted each time it fills:
+    into one histogram where ``m * m`` is at most :data:`DENSE_CELLS`, else by sorting into sparse parts."""
+
+    def __init__(self, m: int, block: int):
+        self.m = m
+        self.dtype = _index_dtype(m * m)
+        self.dense = m * m <= DENSE_CELLS
+        self.histogram = np.zeros(m * m if self.dense else 0, np.int64)
+        self.buffer = np.empty(0, self.dtype)
+        self.block = block
+        self.filled = 0
+        self.parts: list[sp.csr_matrix] = []
+
+    def reserve(self, n: int) -> np.ndarray:
+        """Room for ``n`` more keys, to be written by the caller."""
+        if self.filled + n > self.buffer.size:
+            self._flush()
+            if n > self.buffer.size:
+                self.buffer = np.empty(max(n, self.block), self.dtype)
+        view = self.buffer[self.filled : self.filled + n]
+        self.filled += n
+        return view
+
+    def _flush(self) -> None:
+        keys = self.buffer[: self.filled]
+        self.filled = 0
+        if not keys.size:
+            return
+        if self.dense:
+            self.histogram += np.bincount(keys, minlength=self.histogram.size)
+            return
+        keys.sort()
+        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        counts = np.diff(np.append(starts, keys.size)).astype(np.int64)
+        self.add_matrix(_keys_to_csr(keys[starts].astype(np.int64, copy=False), counts, self.m))
+
+    def add_matrix(self, pairs: sp.csr_matrix) -> None:
+        self.parts.append(pairs)
+
+    def result(self) -> sp.csr_matrix:
+        self._flush()
+        if self.dense:
+            keys = np.flatnonzero(self.histogram)
+            self.parts.append(_keys_to_csr(keys, self.histogram[keys], self.m))
+        while len(self.parts) > 1:  # pairwise, so that every part is added about log2(parts) times
+            self.parts = [
+                (self.parts[i] + self.parts[i + 1]).tocsr() if i + 1 < len(self.parts) else self.parts[i]
+                for i in range(0, len(self.parts), 2)
+            ]
+        return self.parts[0] if self.parts else sp.csr_matrix((self.m, self.m), dtype=np.int64)
+
+
+def _keys_to_csr(keys: np.ndarray, counts: np.ndarray, m: int) -> sp.csr_matrix:
+    """CSR of sorted distinct keys ``a * m + b`` and their counts."""
+    dtype = _index_dtype(m, keys.size)
+    indptr = np.zeros(m + 1, dtype)
+    np.cumsum(np.bincount(keys // m, minlength=m), out=indptr[1:])
+    return sp.csr_matrix((counts, (keys % m).astype(dtype), indptr), shape=(m, m))
+
+
+def _general_pair_counts(
+    example_codes: np.ndarray, label_codes: np.ndarray, m: int, *, block: int = PAIR_BLOCK
+) -> sp.csr_matrix:
+    """:func:`upper_pair_counts` for examples of any size (used for those above :data:`SMALL_EXAMPLE`).
+
+    Each example's label pairs (a < b) are enumerated directly and counted by sorting their keys ``a * m + b``.
+    The sorted keys are the CSR structure itself. Pairs are enumerated in blocks
     of about ``block`` by ranges of the first label ``a``, so blocks hold disjoint keys and their sorted results
     simply follow one another (one label's pairs are never split, so a block can exceed ``block`` by them).
     """
@@ -320,7 +435,7 @@ def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
     if len(set(digests)) < len(digests):
         raise ValueError(f"shard(s) counted twice: {sorted(d for d in digests if digests.count(d) > 1)[:3]}")
     if len(anns) == 1:
-        labels, positions = anns[0].labels, [None]
+        labels, positions = anns[0].labels.to_numpy(zero_copy_only=False).astype(object), [None]
     else:
         labels, positions = _sorted_union_many([a.labels for a in anns])
     m = labels.size

@@ -9,7 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 from conftest import reference_counts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from pmi_pipeline import cooccurrence
 from pmi_pipeline.cooccurrence import (
     BATCHES_PER_SLOT,
     Counts,
@@ -46,11 +49,38 @@ def test_pair_enumeration_equals_the_sparse_product(dataset, block, data_dir):
     """The direct pair count against scipy's triu(Y.T @ Y), in one block or in many (tiny blocks split anywhere)."""
     for path in discover_shards([data_dir / dataset]):
         ann = read_annotations(path)
-        m = ann.labels.size
+        m = len(ann.labels)
         y = sp.csr_matrix((np.ones(ann.example_codes.size), (ann.example_codes, ann.label_codes)), (ann.n_examples, m))
         expected = sp.triu(y.T @ y, k=1).tocsr()
         got = upper_pair_counts(ann.example_codes, ann.label_codes, m, block=block)
         assert got.has_canonical_format and (got != expected).nnz == 0
+
+
+@st.composite
+def examples(draw):
+    """Distinct sorted label codes per example, some examples far larger than SMALL_EXAMPLE."""
+    m = draw(st.integers(2, 3000))
+    sizes = draw(st.lists(st.one_of(st.integers(1, 8), st.integers(30, 90)), min_size=1, max_size=40))
+    sizes = [min(size, m) for size in sizes]
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    labels = [np.sort(rng.choice(m, size, replace=False)) for size in sizes]
+    example_codes = np.repeat(np.arange(len(sizes)), sizes)
+    return example_codes, np.concatenate(labels), m
+
+
+@pytest.mark.parametrize("dense_cells", [0, 1 << 30])  # keys sorted, or counted in one histogram
+@pytest.mark.parametrize("small_example", [0, 3, 32])  # which examples go by columns, which by the general path
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=examples(), block=st.sampled_from([1, 5, 100, 1 << 21]))
+def test_pair_counts_equal_the_sparse_product_for_any_examples(monkeypatch, dense_cells, small_example, case, block):
+    monkeypatch.setattr(cooccurrence, "DENSE_CELLS", dense_cells)
+    monkeypatch.setattr(cooccurrence, "SMALL_EXAMPLE", small_example)
+    example_codes, label_codes, m = case
+    y = sp.csr_matrix((np.ones(label_codes.size), (example_codes, label_codes)), (example_codes.max() + 1, m))
+    expected = sp.triu(y.T @ y, k=1).tocsr()
+    got = upper_pair_counts(example_codes.astype(np.int32), label_codes.astype(np.int32), m, block=block)
+    assert got.dtype == np.int64 and got.has_canonical_format and (got != expected).nnz == 0
 
 
 def resplit(paths, out_dir, n_shards):

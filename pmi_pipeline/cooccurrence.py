@@ -324,7 +324,10 @@ class _KeyCounter:
         if not keys.size:
             return
         if self.dense:
-            self.histogram += np.bincount(keys, minlength=self.histogram.size)
+            if 16 * keys.size < self.histogram.size:  # few keys: no pass over every cell
+                np.add.at(self.histogram, keys, 1)
+            else:
+                self.histogram += np.bincount(keys, minlength=self.histogram.size)
             return
         keys.sort()
         starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))

@@ -11,6 +11,7 @@ counts on it. Pairs are kept once, in the strict upper triangle of the vocabular
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -503,7 +504,28 @@ def count_batch(
         anns.append(replace(ann, example_codes=_compact(ann.example_codes), label_codes=_compact(ann.label_codes)))
         outcomes.append((ann.sha256, ann.example_ids))
         del ann
-    return counts_from_batch(anns), outcomes
+    counts = counts_from_batch(anns)
+    del anns
+    _release_free_heap()
+    return counts, outcomes
+
+
+def _release_free_heap() -> None:
+    """Hand the heap pages a batch freed back to the OS (glibc's ``malloc_trim``): otherwise a worker's RSS creeps
+    up batch after batch as the heap fragments, as Dask's docs on unreleased worker memory describe. No-op
+    without glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 #: Parquet bytes one count task reads at most: the shards of a batch share one vocabulary and one pass over their

@@ -167,6 +167,8 @@ def _check_utf8(
                 value.decode("utf-8")
         except UnicodeDecodeError:
             bad[i] = True
+    if not bad.any():
+        return
     row = first_row(bad) if first_row is not None else int(np.argmax(bad))
     if row is not None:
         raise ShardError(path, "not valid UTF-8", row=row, column=column)
@@ -196,9 +198,13 @@ def read_annotations(
         label_column = _check_schema(path, parquet.schema_arrow)
         # Labels as Arrow dictionaries, straight from Parquet's dictionary pages: each distinct label is decoded,
         # validated and sorted once, not once per annotation (2-3x faster reads, docs/performance.md).
-        table = pq.ParquetFile(
+        reader = pq.ParquetFile(
             pa.BufferReader(data), metadata=parquet.metadata, read_dictionary=_leaves(parquet, label_column)
-        ).read()
+        )
+        # Row group by row group: each has its own dictionary, and Arrow cannot read a list of dictionaries that
+        # change within one call ("nested data conversions not implemented for chunked array outputs").
+        groups = [reader.read_row_group(i) for i in range(reader.num_row_groups)]
+        table = pa.concat_tables(groups) if groups else reader.read()
     except ShardError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:  # pyarrow's errors for empty, corrupt or foreign files
@@ -336,12 +342,14 @@ def _dictionary_codes(path: Path, labels: pa.ChunkedArray | pa.Array) -> tuple[n
         if not pa.types.is_dictionary(chunk.type):
             chunk = pc.dictionary_encode(chunk)
         dictionary = chunk.dictionary if len(chunks) == 1 else chunk.dictionary.cast(pa.large_string())
-        index = pc.fill_null(chunk.indices, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(chunk.dictionary)):
+        has_nulls = chunk.indices.null_count > 0
+        index = pc.fill_null(chunk.indices, -1) if has_nulls else chunk.indices
+        index = index.to_numpy(zero_copy_only=False).astype(np.int64)
+        if index.size and (index.max() >= len(dictionary) or (not has_nulls and index.min() < 0)):
             raise ShardError(path, "not a readable Parquet file (label dictionary index out of range)")
-        valid = dictionary.is_valid().to_numpy(zero_copy_only=False)[index]
-        if chunk.indices.null_count:
-            valid &= chunk.indices.is_valid().to_numpy(zero_copy_only=False)
+        valid = index >= 0
+        if dictionary.null_count:
+            valid &= dictionary.is_valid().to_numpy(zero_copy_only=False)[np.maximum(index, 0)]
         codes.append(np.where(valid, index + offset, -1))
         dictionaries.append(dictionary)
         offset += len(dictionary)

@@ -136,3 +136,18 @@ def test_discover_shards(tmp_path, bibtex_dir):
     assert discover_shards([str(bibtex_dir.parent / "bib*")]) == found
     with pytest.raises(ShardError, match="no such file"):
         discover_shards([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize(
+    ("labels", "row", "message"),
+    [
+        ([["a"], [None]], 1, "null label in list"),  # a row group whose dictionary holds no value at all
+        ([["a"], ["b", None]], 1, "null label in list"),
+    ],
+)
+def test_null_labels_are_named_whatever_the_dictionary_holds(tmp_path, labels, row, message):
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"example_id": list(range(len(labels))), "labels": labels}), path, row_group_size=1)
+    with pytest.raises(ShardError, match=message) as info:
+        read_annotations(path)
+    assert (info.value.row, info.value.column) == (row, "labels")

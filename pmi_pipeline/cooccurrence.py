@@ -331,9 +331,8 @@ class _KeyCounter:
                 self.histogram += np.bincount(keys, minlength=self.histogram.size)
             return
         keys.sort()
-        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        counts = np.diff(np.append(starts, keys.size)).astype(np.int64)
-        self.add_matrix(_keys_to_csr(keys[starts].astype(np.int64, copy=False), counts, self.m))
+        distinct, counts = _distinct_counts(keys)
+        self.add_matrix(_keys_to_csr(distinct.astype(np.int64, copy=False), counts, self.m))
 
     def add_matrix(self, pairs: sp.csr_matrix) -> None:
         self.parts.append(pairs)
@@ -349,6 +348,12 @@ class _KeyCounter:
                 for i in range(0, len(self.parts), 2)
             ]
         return self.parts[0] if self.parts else sp.csr_matrix((self.m, self.m), dtype=np.int64)
+
+
+def _distinct_counts(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of sorted keys and how often each occurs."""
+    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    return sorted_keys[starts], np.diff(np.append(starts, sorted_keys.size)).astype(np.int64)
 
 
 def _keys_to_csr(keys: np.ndarray, counts: np.ndarray, m: int) -> sp.csr_matrix:
@@ -391,10 +396,7 @@ def _general_pair_counts(
         counts.append(c)
     uniq = np.concatenate(keys) if len(keys) > 1 else keys[0]
     data = np.concatenate(counts) if len(counts) > 1 else counts[0]
-    dtype = _index_dtype(m, uniq.size)
-    indptr = np.zeros(m + 1, dtype)
-    np.cumsum(np.bincount(uniq // max(m, 1), minlength=m), out=indptr[1:])
-    return sp.csr_matrix((data, (uniq % max(m, 1)).astype(dtype), indptr), shape=(m, m))
+    return _keys_to_csr(uniq, data, m)  # m >= 1: there are codes below it
 
 
 def _count_keys(
@@ -421,8 +423,7 @@ def _count_keys(
     keys += labels[second]
     del second
     keys.sort()
-    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-    return keys[starts], np.diff(np.append(starts, keys.size)).astype(np.int64)
+    return _distinct_counts(keys)
 
 
 def counts_from_annotations(ann: Annotations) -> Counts:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pmi_pipeline
 from pmi_pipeline.cooccurrence import BATCH_BYTES, count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
@@ -41,13 +42,22 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=50000, help="examples per shard")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
+        "--corpus", type=Path, help="count this corpus (written by `pmi-pipeline synth`) instead of writing one"
+    )
+    parser.add_argument(
         "--batch-bytes", type=int, default=BATCH_BYTES, help="Parquet bytes per count task (1: one shard per task)"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pmi-count-workers-") as tmp:
-        config = SynthConfig(n_annotations=int(args.annotations), n_labels=args.labels, shard_size=args.shard_size)
-        summary = write_corpus(Path(tmp) / "corpus", config, progress=False)
-        paths = discover_shards([Path(tmp) / "corpus"])
+        if args.corpus:
+            described = json.loads((args.corpus / "corpus.json").read_text())
+            n_annotations, n_examples = described["n_annotations"], described["n_examples"]
+            args.labels = described["config"]["n_labels"]
+        else:
+            config = SynthConfig(n_annotations=int(args.annotations), n_labels=args.labels, shard_size=args.shard_size)
+            summary = write_corpus(Path(tmp) / "corpus", config, progress=False)
+            n_annotations, n_examples = summary.n_annotations, summary.n_examples
+        paths = discover_shards([args.corpus or Path(tmp) / "corpus"])
         serial_s, reference = best_of(args.repeat, lambda: count_shards(paths, batch_bytes=args.batch_bytes).counts)
         rows = [{"config": "in-process", "workers": 0, "seconds": serial_s}]
         for workers in (1, 2):
@@ -59,14 +69,16 @@ def main() -> None:
             assert counts.equals(reference), "Dask counts differ from in-process counts"
             rows.append({"config": f"Dask LocalCluster, {workers} worker(s)", "workers": workers, "seconds": seconds})
     for row in rows:
-        row["annotations_per_s"] = summary.n_annotations / row["seconds"]
+        row["annotations_per_s"] = n_annotations / row["seconds"]
         row["speedup_vs_in_process"] = serial_s / row["seconds"]
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
         "cores": os.cpu_count(),
-        "n_annotations": summary.n_annotations,
-        "n_examples": summary.n_examples,
+        "library": str(Path(pmi_pipeline.__file__).parent),  # which checkout was measured
+        "corpus": str(args.corpus) if args.corpus else None,
+        "n_annotations": n_annotations,
+        "n_examples": n_examples,
         "n_labels": args.labels,
         "n_shards": len(paths),
         "batch_bytes": args.batch_bytes,
@@ -76,7 +88,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"count-workers-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps(result, indent=1))
     print(
-        f"{summary.n_annotations:.3g} annotations, {len(paths)} shards, {args.labels} labels, "
+        f"{n_annotations:.3g} annotations, {len(paths)} shards, {args.labels} labels, "
         f"batches of up to {args.batch_bytes} bytes, "
         f"load average {result['load_average'][0]:.1f}"
     )

@@ -617,8 +617,10 @@ def count_shards(
     Consecutive shards are counted in batches (:func:`plan_batches`, :func:`count_batch`): with a Dask ``client``
     each batch is a task, and batches are summed as they finish by merge tasks on the workers (a binary counter:
     at most one partial sum per size class waits), so worker memory holds a few partial sums and never every
-    batch's counts; only the final counts and the example-id fingerprints (8 bytes per example) travel back.
-    Without one, batches are counted and summed one after another in this process. ``progress(done, total)`` is
+    batch's counts. Each worker sums the batches it counted (:class:`_WorkerSums`): partial sums move between
+    workers only for the last merges, one per worker. Only the final counts and the example-id fingerprints
+    (8 bytes per example) travel back. Without a client, batches are counted and summed one after another in
+    this process. ``progress(done, total)`` is
     called as shards finish. ``batch_bytes`` caps the Parquet bytes of a batch, and so a task's memory.
 
     ``expected_hashes`` (one per path: the hash it was listed with) rejects a shard that changed since. A shard
@@ -635,7 +637,7 @@ def count_shards(
     rejected: list[ShardError] = []
     fingerprints = FingerprintFiles()  # on disk as they arrive: memory stays flat however many examples
     digests: dict[int, str] = {}
-    sums = _RunningSum(client)
+    sums = _WorkerSums(client)
     done = 0
 
     def finished(batch: range, outcomes: list[ShardOutcome]) -> None:
@@ -655,7 +657,7 @@ def count_shards(
         for batch in batches:
             counts, outcomes = count_batch([paths[i] for i in batch], [expected[i] for i in batch])
             if counts.manifest:
-                sums.add(counts)
+                sums.add(counts, None)
             finished(batch, outcomes)
     else:
         from distributed import as_completed
@@ -690,11 +692,13 @@ def count_shards(
             outcomes = client.submit(_second, future, pure=False, priority=1)
             outcome_of[outcomes.key] = batch_of[future.key]
             pending.add(outcomes)
-            sums.add(client.submit(_first, future, pure=False, priority=1))
+            worker = _holder(client, future)
+            sums.add(client.submit(_first, future, pure=False, priority=1, **_near(worker)), worker)
             future.release()
         del futures
-    counts = sums.result()
+    total = sums.total()  # the last merges run on the workers while this process checks for repeats below
 
+    counts = None
     if check_repeats:
         # Example ids repeated across shards: decided in the paths' order, so the outcome never depends on timing.
         order = sorted(digests)
@@ -708,6 +712,7 @@ def count_shards(
                 rejected.append(repeat_error(paths[i], repeat, f"shard {other or repeat.other}"))
             dropped = {position[r.shard] for r in repeats}
             kept = [i for i in order if i not in dropped]
+            del total  # the sum that includes them
             log.warning("%d shard(s) repeat example ids: summing the other %d again", len(dropped), len(kept))
             again = count_shards(
                 [paths[i] for i in kept],
@@ -721,6 +726,9 @@ def count_shards(
             # only what was counted again (a shard may have changed since) goes into the example-id index
             for digest in [d for d in fingerprints if d not in counts.manifest]:
                 fingerprints.discard(digest)
+    if counts is None:
+        counts = _wait(total)
+        del total
     rejected.sort(key=lambda e: str(e.path))
     fault_point("count:merged")
     return CountResult(counts.sorted(), rejected, time.perf_counter() - start, fingerprints)
@@ -728,17 +736,20 @@ def count_shards(
 
 class _RunningSum:
     """Sum counts as they arrive, as a binary counter: a partial sum of 2^k shards waits only for another of the
-    same size, so at most one per size class is held (log2 of the shard count), and merges stay balanced."""
+    same size, so at most one per size class is held (log2 of the shard count), and merges stay balanced.
 
-    def __init__(self, client: Client | None):
+    With a ``client``, merges are tasks, run on ``worker`` (an address) while it lives, else anywhere."""
+
+    def __init__(self, client: Client | None, worker: str | None = None):
         self.client = client
+        self.worker = worker
         self.stack: list[tuple[int, Any]] = []  # (size class, Counts or a future of Counts)
 
     def _merge(self, a: Any, b: Any) -> Any:
         if self.client is None:
             return _merge_pair(a, b)
         # Before any waiting count task: a partial sum is merged as soon as its partner exists, not at the end.
-        return self.client.submit(_merge_pair, a, b, pure=False, priority=1)
+        return self.client.submit(_merge_pair, a, b, pure=False, priority=1, **_near(self.worker))
 
     def add(self, counts: Any) -> None:
         level = 0
@@ -750,11 +761,56 @@ class _RunningSum:
             level += 1
         self.stack.append((level, counts))
 
-    def result(self) -> Counts:
+    def total(self) -> Any:
+        """The sum of everything added: Counts (empty if nothing was), or with a client a future of them (not
+        waited for)."""
         if not self.stack:
             return Counts.empty()
         total = self.stack.pop()[1]
         while self.stack:
             total = self._merge(self.stack.pop()[1], total)
-        self.stack = []
-        return total.result() if self.client else total
+        return total
+
+    def result(self) -> Counts:
+        return _wait(self.total())
+
+
+class _WorkerSums:
+    """One :class:`_RunningSum` per worker, fed the batches that worker counted, its merges pinned to it: a
+    partial sum stays where it was made. With one running sum for the cluster, merges pulled partial sums from
+    worker to worker (8 s of 45 in transfers at 10^5 labels, docs/performance.md) and the last merges, a chain
+    of ever larger ones, ran on one worker while the other idled; here each worker folds its own, at once, and
+    only one total per worker moves."""
+
+    def __init__(self, client: Client | None):
+        self.client = client
+        self.sums: dict[str | None, _RunningSum] = {}
+
+    def add(self, counts: Any, worker: str | None) -> None:
+        if worker not in self.sums:
+            self.sums[worker] = _RunningSum(self.client, worker)
+        self.sums[worker].add(counts)
+
+    def total(self) -> Any:
+        """The sum over every worker: Counts (empty if nothing was added), or with a client a future of them (not
+        waited for)."""
+        across = _RunningSum(self.client)
+        for running in self.sums.values():
+            across.add(running.total())
+        return across.total()
+
+
+def _wait(total: Any) -> Counts:
+    """Counts, from Counts or a future of them."""
+    return total if isinstance(total, Counts) else total.result()
+
+
+def _holder(client: Client, future: Any) -> str | None:
+    """Address of a worker that holds a finished future's result (None if none does any more)."""
+    holders = client.who_has(future).get(future.key) or ()
+    return holders[0] if holders else None
+
+
+def _near(worker: str | None) -> dict[str, Any]:
+    """Task placement on ``worker`` while it lives; anywhere once it is gone (its data is then recomputed)."""
+    return {"workers": [worker], "allow_other_workers": True} if worker else {}

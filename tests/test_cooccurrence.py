@@ -118,6 +118,27 @@ def test_dask_counts_equal_in_process_counts(workers, dask_clients, eurlex_dir):
     assert seen[-1] == (len(paths), len(paths))
 
 
+def test_partial_sums_stay_on_the_worker_that_made_them(eurlex_dir, tmp_path):
+    """Each worker merges the batches it counted: partial sums move between workers only in the last merge (one
+    per worker beyond the first), not batch after batch. Work stealing is off so that Dask cannot move a merge
+    that our placement put where its inputs are."""
+    import dask
+    from distributed import get_task_stream
+
+    from pmi_pipeline.dask_cluster import dask_client
+
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 16)
+    with dask.config.set({"distributed.scheduler.work-stealing": False}), dask_client(n_workers=2) as client:
+        with get_task_stream(client) as stream:
+            result = count_shards(paths, client, batch_bytes=1)  # a batch per shard: 15 merges
+    merges = [t for t in stream.data if t["key"].startswith("_merge_pair")]
+    moved = [t for t in merges if any(s["action"] == "transfer" for s in t["startstops"])]
+    counted_on = {t["worker"] for t in stream.data if t["key"].startswith("count-batch")}
+    assert len(merges) == 15
+    assert len(moved) <= len(counted_on) - 1
+    assert result.counts.equals(count_shards(paths).counts)
+
+
 def test_bad_shard_is_rejected_and_others_go_on(eurlex_dir, tmp_path, dask_clients):
     paths = discover_shards([eurlex_dir])
     bad = tmp_path / "bad.parquet"

@@ -1,0 +1,87 @@
+"""Where a 2-worker count's time goes, from Dask's task stream: compute seconds per worker and task kind, seconds
+spent moving task inputs between workers, CPU seconds per process, and how long the run went on after its last
+count task (the merges and the transfer of the result that cannot run in parallel).
+
+    python bench/count_tasks.py /tmp/corpus          # a corpus written by `pmi-pipeline synth`
+
+writes bench/results/count-tasks-<time>.json. Run it with ``PYTHONPATH`` set to another checkout to measure that
+one's library on the same corpus (the file records which library was measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+from distributed import get_task_stream
+
+import pmi_pipeline
+from pmi_pipeline.cooccurrence import count_shards
+from pmi_pipeline.dask_cluster import dask_client
+from pmi_pipeline.shards import discover_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    paths = discover_shards([args.corpus])
+    with dask_client(n_workers=args.workers) as client:
+        count_shards(paths[:8], client)  # warm-up: imports on the workers
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        cpu_before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+        start = time.time()
+        with get_task_stream(client) as stream:
+            result = count_shards(paths, client)
+        wall = time.time() - start
+        cpu = {p.pid: sum(p.cpu_times()[:2]) - cpu_before[p.pid] for p in procs}
+    compute: dict[str, float] = collections.defaultdict(float)
+    moving: dict[str, float] = collections.defaultdict(float)
+    n_tasks: collections.Counter[str] = collections.Counter()
+    last_count = start
+    for task in stream.data:
+        kind = "count-batch" if task["key"].startswith("count-batch") else task["key"].split("-")[0]
+        n_tasks[kind] += 1
+        for span in task["startstops"]:
+            seconds = span["stop"] - span["start"]
+            if span["action"] == "compute":
+                compute[f"{task['worker']} {kind}"] += seconds
+                if kind == "count-batch":
+                    last_count = max(last_count, span["stop"])
+            elif span["action"] == "transfer":
+                moving[task["worker"]] += seconds
+    out = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "library": str(Path(pmi_pipeline.__file__).parent),
+        "corpus": str(args.corpus),
+        "n_annotations": result.counts.n_annotations,
+        "n_labels": result.counts.n_labels,
+        "n_pairs": result.counts.n_pairs,
+        "wall_s": wall,
+        "after_last_count_s": start + wall - last_count,
+        "cpu_s": {
+            "this process (client, scheduler)": cpu[procs[0].pid],
+            "workers": sum(cpu.values()) - cpu[procs[0].pid],
+        },
+        "compute_s": dict(sorted(compute.items())),
+        "transfer_s": dict(sorted(moving.items())),
+        "tasks": dict(n_tasks),
+    }
+    path = ROOT / "bench" / "results" / f"count-tasks-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("date",)}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

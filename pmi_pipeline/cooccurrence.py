@@ -794,9 +794,12 @@ class _WorkerSums:
     def total(self) -> Any:
         """The sum over every worker: Counts (empty if nothing was added), or with a client a future of them (not
         waited for)."""
+        totals = [running.total() for running in self.sums.values()]
+        if len(totals) == 1:
+            return totals[0]
         across = _RunningSum(self.client)
-        for running in self.sums.values():
-            across.add(running.total())
+        for total in totals:
+            across.add(total)
         return across.total()
 
 

@@ -213,7 +213,8 @@ def find_repeats(
     def conflicts(r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return _conflicts([index.hashes[stored[r] : stored[r + 1]], *(read(key, r) for key in keys)])
 
-    # Ranges on threads (reads and sorts release the GIL): the check runs after counting, when the cores are free.
+    # Ranges on threads (reads and sorts release the GIL): the check runs once the count tasks are done, when the
+    # workers have only the last merges left.
     with ThreadPoolExecutor(max_workers=min(n_ranges, os.cpu_count() or 1)) as pool:
         edges_found = list(pool.map(conflicts, range(n_ranges)))
     e = np.concatenate([x[0] for x in edges_found])

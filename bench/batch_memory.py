@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import write_result
+
 CHILD = """
 import json, resource, sys, time
 import psutil
@@ -62,8 +63,7 @@ def main() -> None:
     print(f"library: {result['library']}\n| shards | annotations | seconds | MiB added |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['shards']} | {r['annotations']:,} | {r['seconds']:.2f} | {r['added_mib']:.0f} |")
-    out = ROOT / "bench" / "results" / f"batch-memory-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result("batch-memory", result)
     print(f"wrote {out}")
 
 

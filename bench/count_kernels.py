@@ -24,33 +24,23 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+from common import best, write_result
 
 from pmi_pipeline import cooccurrence, example_ids, shards
 from pmi_pipeline.shards import discover_shards
 from pmi_pipeline.synth import SynthConfig, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def load_before(commit: str, module: str, into: Path) -> ModuleType:
@@ -175,9 +165,7 @@ def main() -> None:
             f"({check['speedup']:.2f}x, same: {check['same_result']})"
         )
     report["load_average_after"] = os.getloadavg()
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"count-kernels-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(report, indent=2))
+    out = write_result("count-kernels", report, args.results_dir)
     print(f"results: {out}")
 
 

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import psutil
+from common import write_result
 from distributed import get_task_stream
 
 import pmi_pipeline
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -77,8 +76,7 @@ def main() -> None:
         "transfer_s": dict(sorted(moving.items())),
         "tasks": dict(n_tasks),
     }
-    path = ROOT / "bench" / "results" / f"count-tasks-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(out, indent=1))
+    path = write_result("count-tasks", out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("date",)}, indent=1))
     print(f"wrote {path}")
 

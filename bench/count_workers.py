@@ -14,25 +14,15 @@ import datetime as dt
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
+
+from common import best, write_result
 
 import pmi_pipeline
 from pmi_pipeline.cooccurrence import BATCH_BYTES, count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
 from pmi_pipeline.synth import SynthConfig, write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def best_of(repeat: int, fn):
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main() -> None:
@@ -58,12 +48,12 @@ def main() -> None:
             summary = write_corpus(Path(tmp) / "corpus", config, progress=False)
             n_annotations, n_examples = summary.n_annotations, summary.n_examples
         paths = discover_shards([args.corpus or Path(tmp) / "corpus"])
-        serial_s, reference = best_of(args.repeat, lambda: count_shards(paths, batch_bytes=args.batch_bytes).counts)
+        serial_s, reference = best(args.repeat, lambda: count_shards(paths, batch_bytes=args.batch_bytes).counts)
         rows = [{"config": "in-process", "workers": 0, "seconds": serial_s}]
         for workers in (1, 2):
             with dask_client(n_workers=workers) as client:
                 count_shards(paths, client)  # warm-up: imports on the workers
-                seconds, counts = best_of(
+                seconds, counts = best(
                     args.repeat, lambda c=client: count_shards(paths, c, batch_bytes=args.batch_bytes).counts
                 )
             assert counts.equals(reference), "Dask counts differ from in-process counts"
@@ -85,8 +75,7 @@ def main() -> None:
         "n_pairs": reference.n_pairs,
         "rows": rows,
     }
-    out = ROOT / "bench" / "results" / f"count-workers-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result("count-workers", result)
     print(
         f"{n_annotations:.3g} annotations, {len(paths)} shards, {args.labels} labels, "
         f"batches of up to {args.batch_bytes} bytes, "

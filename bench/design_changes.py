@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +34,13 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from common import best, write_result
 from threadpoolctl import threadpool_limits
 
 from pmi_pipeline.cooccurrence import _positions, _sorted_union, count_shards, upper_pair_counts
 from pmi_pipeline.factorize import _orthonormal, _times, to_dask
 from pmi_pipeline.shards import discover_shards, read_annotations
 from pmi_pipeline.synth import SynthConfig, write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def pairs_before(example_codes: np.ndarray, label_codes: np.ndarray, m: int, n: int) -> sp.csr_matrix:
@@ -173,8 +160,7 @@ def main() -> None:
     for name in (*names, "orthonormalize"):
         r = results[name]
         print(f"{name:18s} before {r['before_s']:7.3f} s  after {r['after_s']:7.3f} s  {r['speedup']:5.2f}x")
-    out = ROOT / "bench" / "results" / f"design-changes-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(results, indent=1))
+    out = write_result("design-changes", results)
     print(f"wrote {out}")
 
 

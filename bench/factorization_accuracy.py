@@ -11,12 +11,12 @@ prints a Markdown table (pasted into docs/factorization.md).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 from scipy.sparse.linalg import eigsh
 
 from pmi_pipeline.cooccurrence import count_shards
@@ -73,8 +73,7 @@ def main() -> None:
                             }
                         )
                         print(json.dumps(rows[-1]), flush=True)
-    out = ROOT / "bench" / "results" / f"factorization-accuracy-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(rows, indent=1))
+    out = write_result("factorization-accuracy", rows)
     print(f"\nwrote {out}\n")
     print(
         "| dataset | PMI | m | lambda_1 / lambda_k / lambda_min | oversamples | shift | iters | max rel. error "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import tempfile
 import threading
@@ -21,13 +20,12 @@ import time
 from pathlib import Path
 
 import psutil
+from common import write_result
 
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
 from pmi_pipeline.synth import SynthConfig, write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(paths: list[Path]) -> dict:
@@ -78,8 +76,7 @@ def main() -> None:
     for r in rows:
         peaks = " | ".join(f"{r['peak_mib'][n]:.0f}" for n in names)
         print(f"| {r['annotations']:.0e} | {r['seconds']:.1f} | {peaks} |")
-    out = ROOT / "bench" / "results" / f"process-memory-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result("process-memory", result)
     print(f"wrote {out}")
 
 

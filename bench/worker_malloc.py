@@ -19,9 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import write_result
+
 SETTINGS = {
     "glibc defaults (in-process)": {},
     "Dask worker default (MALLOC_TRIM_THRESHOLD_=65536)": {"MALLOC_TRIM_THRESHOLD_": "65536"},
@@ -75,8 +75,7 @@ def main() -> None:
     for name, rs in runs.items():
         peak = max(r["peak_mib"] for r in rs)
         print(f"| {name} | {best[name]:.2f} | {best[name] / reference:.2f}x | {peak:.0f} |")
-    out = ROOT / "bench" / "results" / f"malloc-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result("malloc", result)
     print(f"wrote {out}")
 
 

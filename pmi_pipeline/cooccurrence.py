@@ -289,8 +289,8 @@ def upper_pair_counts(
                 for j in range(i + 1, size):
                     np.add(scaled[i], labels[j], out=keys[at : at + n])
                     at += n
-    large = (sizes > SMALL_EXAMPLE)[example_codes]
-    if large.any():
+    if bounds[SMALL_EXAMPLE + 1] < by_size.size:  # some examples have more labels than that
+        large = (sizes > SMALL_EXAMPLE)[example_codes]
         counter.add_matrix(_general_pair_counts(example_codes[large], label_codes[large], m, block=block))
     return counter.result()
 

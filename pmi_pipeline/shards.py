@@ -265,6 +265,8 @@ def read_annotations(
 
     def first_use(bad_entries: np.ndarray) -> int | None:
         """Index of the first value that is one of the dictionary's ``bad_entries`` (a mask), if any."""
+        if not bad_entries.any():  # the usual case: no pass over every annotation
+            return None
         hits = np.flatnonzero(bad_entries[codes])
         return int(hits[0]) if hits.size else None
 

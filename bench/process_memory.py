@@ -5,6 +5,7 @@ corpus size, ``count_shards`` runs once to warm up and once measured, while a th
 every 50 ms::
 
     python bench/process_memory.py --annotations 1e7 4e7 --labels 1000
+    python bench/process_memory.py --corpus /tmp/c6 /tmp/c7 /tmp/c8     # corpora written by `pmi-pipeline synth`
 
 writes bench/results/process-memory-<time>.json.
 """
@@ -59,13 +60,25 @@ def measure(paths: list[Path]) -> dict:
     }
 
 
+def _annotations(corpus: Path) -> int:
+    import json
+
+    return int(json.loads((corpus / "corpus.json").read_text())["n_annotations"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", type=float, nargs="+", default=[1e7, 4e7])
     parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument(
+        "--corpus", type=Path, nargs="+", help="corpora written by `pmi-pipeline synth` to measure instead"
+    )
     args = parser.parse_args()
     rows = []
-    for n in args.annotations:
+    for corpus in args.corpus or []:
+        paths = discover_shards([corpus])
+        rows.append({"corpus": str(corpus), "annotations": _annotations(corpus), **measure(paths)})
+    for n in [] if args.corpus else args.annotations:
         with tempfile.TemporaryDirectory(prefix="pmi-process-memory-") as tmp:
             write_corpus(tmp, SynthConfig(n_annotations=int(n), n_labels=args.labels), progress=False)
             rows.append({"annotations": int(n), **measure(discover_shards([tmp]))})

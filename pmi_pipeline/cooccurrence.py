@@ -266,11 +266,12 @@ def upper_pair_counts(
     """
     if not example_codes.size or m < 2:
         return sp.csr_matrix((m, m), dtype=np.int64)
-    sizes = np.bincount(example_codes)
-    starts = np.cumsum(sizes) - sizes
-    counter = _KeyCounter(m, block)
+    at = _index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes an example less
+    sizes = np.bincount(example_codes).astype(at)
+    starts = np.cumsum(sizes, dtype=at) - sizes
+    counter = _KeyCounter(m, block, max_count=sizes.size)
     size_class = np.minimum(sizes, SMALL_EXAMPLE + 1).astype(np.uint8)
-    by_size = np.argsort(size_class, kind="stable")  # a radix sort, for 8-bit values
+    by_size = np.argsort(size_class, kind="stable").astype(at)  # a radix sort, for 8-bit values
     bounds = np.searchsorted(size_class[by_size], np.arange(SMALL_EXAMPLE + 2))
     for size in range(2, SMALL_EXAMPLE + 1):
         examples = by_size[bounds[size] : bounds[size + 1]]
@@ -299,11 +300,12 @@ class _KeyCounter:
     """Counts of pair keys ``a * m + b`` written into a buffer of ``block`` keys, counted each time it fills:
     into one histogram where ``m * m`` is at most :data:`DENSE_CELLS`, else by sorting into sparse parts."""
 
-    def __init__(self, m: int, block: int):
+    def __init__(self, m: int, block: int, max_count: int = 2**63 - 1):
         self.m = m
         self.dtype = _index_dtype(m * m)
         self.dense = m * m <= DENSE_CELLS
-        self.histogram = np.zeros(m * m if self.dense else 0, np.int64)
+        # a pair is counted at most once per example (max_count of them): int32 cells where that fits, half the memory
+        self.histogram = np.zeros(m * m if self.dense else 0, _index_dtype(max_count))
         self.buffer = np.empty(0, self.dtype)
         self.block = block
         self.filled = 0
@@ -341,7 +343,7 @@ class _KeyCounter:
         self._flush()
         if self.dense:
             keys = np.flatnonzero(self.histogram)
-            self.parts.append(_keys_to_csr(keys, self.histogram[keys], self.m))
+            self.parts.append(_keys_to_csr(keys, self.histogram[keys].astype(np.int64), self.m))
         while len(self.parts) > 1:  # pairwise, so that every part is added about log2(parts) times
             self.parts = [
                 (self.parts[i] + self.parts[i + 1]).tocsr() if i + 1 < len(self.parts) else self.parts[i]
@@ -434,28 +436,17 @@ def counts_from_annotations(ann: Annotations) -> Counts:
 def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
     """Counts of several validated shards at once: their vocabularies united once and their pairs counted in one
     pass, which costs far less than counting each and merging (no per-shard vocabulary union or sparse sum)."""
+    return _count_consumed(list(anns))
+
+
+def _count_consumed(anns: list[Annotations]) -> Counts:
+    """:func:`counts_from_batch`, emptying ``anns`` as each shard's codes are copied into the batch's, so that a
+    caller who hands over its only references never holds a shard's codes twice while the batch is counted."""
     if not anns:
         return Counts.empty()
     digests = [a.sha256 for a in anns]
     if len(set(digests)) < len(digests):
         raise ValueError(f"shard(s) counted twice: {sorted(d for d in digests if digests.count(d) > 1)[:3]}")
-    if len(anns) == 1:
-        labels, positions = anns[0].labels.to_numpy(zero_copy_only=False).astype(object), [None]
-    else:
-        labels, positions = _sorted_union_many([a.labels for a in anns])
-    m = labels.size
-    offsets = np.cumsum([0, *(a.n_examples for a in anns)])
-    idx = _index_dtype(int(offsets[-1]), m)  # int32 codes where they fit
-    example_codes = np.concatenate(
-        [a.example_codes + off for a, off in zip(anns, offsets[:-1], strict=True)], dtype=idx, casting="same_kind"
-    )
-    label_codes = np.concatenate(
-        [a.label_codes if pos is None else pos[a.label_codes] for a, pos in zip(anns, positions, strict=True)],
-        dtype=idx,
-        casting="same_kind",
-    )
-    label_counts = np.bincount(label_codes, minlength=m).astype(np.int64)
-    pairs = upper_pair_counts(example_codes, label_codes, m)
     manifest = {
         a.sha256: {
             "path": str(a.path),
@@ -465,7 +456,29 @@ def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
         }
         for a in anns
     }
-    return Counts(labels, label_counts, pairs, int(offsets[-1]), manifest)
+    if len(anns) == 1:
+        labels, positions = anns[0].labels.to_numpy(zero_copy_only=False).astype(object), [None]
+    else:
+        labels, positions = _sorted_union_many([a.labels for a in anns])
+    m = labels.size
+    offsets = np.cumsum([0, *(a.n_examples for a in anns)]).tolist()
+    idx = _index_dtype(offsets[-1], m)  # int32 codes where they fit
+    total = sum(a.n_annotations for a in anns)
+    example_codes, label_codes = np.empty(total, idx), np.empty(total, idx)
+    at = 0
+    for position, offset in zip(positions, offsets[:-1], strict=True):
+        a = anns.pop(0)
+        end = at + a.n_annotations
+        np.add(a.example_codes, offset, out=example_codes[at:end], casting="same_kind")
+        if position is None:
+            label_codes[at:end] = a.label_codes
+        else:
+            np.take(position.astype(idx), a.label_codes, out=label_codes[at:end])
+        at = end
+        del a
+    label_counts = np.bincount(label_codes, minlength=m).astype(np.int64)
+    pairs = upper_pair_counts(example_codes, label_codes, m)
+    return Counts(labels, label_counts, pairs, offsets[-1], manifest)
 
 
 def count_shard(path: str | Path, expected_sha256: str | None = None) -> Counts:
@@ -505,8 +518,7 @@ def count_batch(
         anns.append(replace(ann, example_codes=_compact(ann.example_codes), label_codes=_compact(ann.label_codes)))
         outcomes.append((ann.sha256, ann.example_ids))
         del ann
-    counts = counts_from_batch(anns)
-    del anns
+    counts = _count_consumed(anns)  # empties anns: each shard's codes go once copied into the batch's
     _release_free_heap()
     return counts, outcomes
 

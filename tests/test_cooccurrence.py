@@ -205,6 +205,18 @@ def test_a_bad_shard_costs_its_batch_nothing(eurlex_dir, tmp_path, dask_clients)
         assert result.counts.equals(count_shards(paths).counts) and len(result.example_ids) == len(paths)
 
 
+def test_a_batch_lets_go_of_each_shard_once_copied(eurlex_dir, tmp_path):
+    """count_batch hands its shards over to be counted: each is dropped once its codes are in the batch's, so no
+    shard's codes are held twice. counts_from_batch counts the same and leaves the caller's list alone."""
+    anns = [read_annotations(p) for p in resplit(discover_shards([eurlex_dir]), tmp_path, 4)]
+    given = list(anns)
+    expected = cooccurrence.counts_from_batch(anns)
+    assert len(anns) == len(given) and all(a is b for a, b in zip(anns, given, strict=True))
+    handed_over = list(anns)
+    assert cooccurrence._count_consumed(handed_over).equals(expected) and handed_over == []
+    assert_matches_reference(expected.sorted(), [a.path for a in anns])
+
+
 def test_the_same_shard_twice_in_a_batch_is_refused(bibtex_dir, tmp_path):
     path = discover_shards([bibtex_dir])[0]
     copy = tmp_path / "copy.parquet"

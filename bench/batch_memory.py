@@ -1,7 +1,10 @@
 """Working memory of one count task: ``count_batch`` on 1, 4 and 8 shards, each in a fresh process.
 
 Reports the peak RSS above the process's RSS just before the call (imports done, one shard read to warm up), which
-is what a worker adds while it counts a batch. Run it against another checkout to compare versions::
+is what a worker adds while it counts a batch, and, from a second call under ``tracemalloc``, the peak of what
+numpy and Python hold allocated at once (the RSS also carries what the heap keeps after frees). Workers run with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=65536`` (pmi_pipeline.dask_cluster); set them to measure as
+a worker would. Run it against another checkout to compare versions::
 
     python bench/batch_memory.py --labels 1000
     PYTHONPATH=/path/to/older/checkout python bench/batch_memory.py --labels 1000
@@ -23,7 +26,7 @@ from pathlib import Path
 from common import write_result
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, time, tracemalloc
 import psutil
 from pmi_pipeline.cooccurrence import count_batch
 from pmi_pipeline.shards import discover_shards, read_annotations
@@ -32,8 +35,13 @@ read_annotations(paths[0])
 before = psutil.Process().memory_info().rss
 start = time.perf_counter()
 counts, _ = count_batch(paths)
-print(json.dumps({"shards": len(paths), "annotations": counts.n_annotations, "seconds": time.perf_counter() - start,
-                  "added_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20}))
+seconds, added = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+n_annotations = counts.n_annotations
+del counts
+tracemalloc.start()  # a second run, for the peak of what numpy and Python allocate at once (not what the heap keeps)
+count_batch(paths)
+print(json.dumps({"shards": len(paths), "annotations": n_annotations, "seconds": seconds, "added_mib": added / 2**20,
+                  "traced_peak_mib": tracemalloc.get_traced_memory()[1] / 2**20}))
 """
 
 
@@ -60,9 +68,16 @@ def main() -> None:
         "args": vars(args),
         "rows": rows,
     }
-    print(f"library: {result['library']}\n| shards | annotations | seconds | MiB added |\n|---|---|---|---|")
+    print(
+        f"library: {result['library']}\n"
+        "| shards | annotations | seconds | MiB added (RSS) | MiB allocated at once (tracemalloc) |\n"
+        "|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['shards']} | {r['annotations']:,} | {r['seconds']:.2f} | {r['added_mib']:.0f} |")
+        print(
+            f"| {r['shards']} | {r['annotations']:,} | {r['seconds']:.2f} | {r['added_mib']:.0f} | "
+            f"{r['traced_peak_mib']:.0f} |"
+        )
     out = write_result("batch-memory", result)
     print(f"wrote {out}")
 

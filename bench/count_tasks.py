@@ -1,6 +1,7 @@
 """Where a 2-worker count's time goes, from Dask's task stream: compute seconds per worker and task kind, seconds
 spent moving task inputs between workers, CPU seconds per process, and how long the run went on after its last
-count task (the merges and the transfer of the result that cannot run in parallel).
+count task (the merges and the transfer of the result that cannot run in parallel), with each task span of that
+tail.
 
     python bench/count_tasks.py /tmp/corpus          # a corpus written by `pmi-pipeline synth`
 
@@ -47,10 +48,12 @@ def main() -> None:
     moving: dict[str, float] = collections.defaultdict(float)
     n_tasks: collections.Counter[str] = collections.Counter()
     last_count = start
+    spans = []
     for task in stream.data:
         kind = "count-batch" if task["key"].startswith("count-batch") else task["key"].split("-")[0]
         n_tasks[kind] += 1
         for span in task["startstops"]:
+            spans.append((span["start"] - start, span["stop"] - start, span["action"], kind, task["worker"]))
             seconds = span["stop"] - span["start"]
             if span["action"] == "compute":
                 compute[f"{task['worker']} {kind}"] += seconds
@@ -75,6 +78,13 @@ def main() -> None:
         "compute_s": dict(sorted(compute.items())),
         "transfer_s": dict(sorted(moving.items())),
         "tasks": dict(n_tasks),
+        # what ran after the last count task, seconds from the start: the last merges and the moves between workers;
+        # from the last one's end to wall_s, the result travels to this process
+        "tail": [
+            {"start_s": round(a, 3), "stop_s": round(b, 3), "action": action, "task": kind, "worker": worker}
+            for a, b, action, kind, worker in sorted(spans)
+            if b > last_count - start
+        ],
     }
     path = write_result("count-tasks", out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("date",)}, indent=1))

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 from common import write_result
 
+import pmi_pipeline
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
@@ -82,7 +83,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="pmi-process-memory-") as tmp:
             write_corpus(tmp, SynthConfig(n_annotations=int(n), n_labels=args.labels), progress=False)
             rows.append({"annotations": int(n), **measure(discover_shards([tmp]))})
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "load_average": os.getloadavg(), "rows": rows}
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "library": str(Path(pmi_pipeline.__file__).parent),  # which checkout was measured
+        "rows": rows,
+    }
     names = list(rows[0]["peak_mib"])
     print("| annotations | seconds | " + " | ".join(f"{n}: peak MiB" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))

@@ -28,6 +28,7 @@ from common import write_result
 CHILD = """
 import json, resource, sys, time, tracemalloc
 import psutil
+import pmi_pipeline
 from pmi_pipeline.cooccurrence import count_batch
 from pmi_pipeline.shards import discover_shards, read_annotations
 paths = discover_shards([sys.argv[1]])[: int(sys.argv[2])]
@@ -41,7 +42,7 @@ del counts
 tracemalloc.start()  # a second run, for the peak of what numpy and Python allocate at once (not what the heap keeps)
 count_batch(paths)
 print(json.dumps({"shards": len(paths), "annotations": n_annotations, "seconds": seconds, "added_mib": added / 2**20,
-                  "traced_peak_mib": tracemalloc.get_traced_memory()[1] / 2**20}))
+                  "traced_peak_mib": tracemalloc.get_traced_memory()[1] / 2**20, "library": pmi_pipeline.__file__}))
 """
 
 
@@ -57,14 +58,16 @@ def main() -> None:
         config = SynthConfig(n_examples=50_000 * max(args.shards), n_labels=args.labels, shard_size=50_000)
         write_corpus(tmp, config, progress=False)
         for n in args.shards:
-            out = subprocess.run([sys.executable, "-c", CHILD, tmp, str(n)], capture_output=True, text=True, check=True)
+            # run from the corpus folder: `python -c` puts the working directory first on sys.path, ahead of
+            # PYTHONPATH, and the library of the current directory would be measured instead of the one asked for
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, tmp, str(n)], capture_output=True, text=True, check=True, cwd=tmp
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    import pmi_pipeline
-
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
-        "library": str(Path(pmi_pipeline.__file__).parent),
+        "library": str(Path(rows[0]["library"]).parent),  # as the measured processes loaded it
         "args": vars(args),
         "rows": rows,
     }

@@ -629,11 +629,12 @@ def count_shards(
     Consecutive shards are counted in batches (:func:`plan_batches`, :func:`count_batch`): with a Dask ``client``
     each batch is a task, and batches are summed as they finish by merge tasks on the workers (a binary counter:
     at most one partial sum per size class waits), so worker memory holds a few partial sums and never every
-    batch's counts. Each worker sums the batches it counted (:class:`_WorkerSums`): partial sums move between
-    workers only for the last merges, one per worker. Only the final counts and the example-id fingerprints
-    (8 bytes per example) travel back. Without a client, batches are counted and summed one after another in
-    this process. ``progress(done, total)`` is called as shards finish. ``batch_bytes`` caps the Parquet bytes
-    of a batch, and so a task's memory.
+    batch's counts. Each worker sums the batches it counted (:class:`_WorkerSums`); the last merges are split
+    by label range, one range per worker, so that partial sums move between workers only there, and only the
+    rows of the other workers' ranges. Only the final counts (one range at a time) and the example-id
+    fingerprints (8 bytes per example) travel back. Without a client, batches are counted and summed one after
+    another in this process. ``progress(done, total)`` is called as shards finish. ``batch_bytes`` caps the
+    Parquet bytes of a batch, and so a task's memory.
 
     ``expected_hashes`` (one per path: the hash it was listed with) rejects a shard that changed since. A shard
     that repeats an example id of ``index`` (the store's counted examples) or of an earlier path is rejected too;
@@ -752,16 +753,19 @@ class _RunningSum:
 
     With a ``client``, merges are tasks, run on ``worker`` (an address) while it lives, else anywhere."""
 
-    def __init__(self, client: Client | None, worker: str | None = None):
+    def __init__(
+        self, client: Client | None, worker: str | None = None, merge: Callable[[Counts, Counts], Counts] | None = None
+    ):
         self.client = client
         self.worker = worker
+        self.merge = merge or _merge_pair
         self.stack: list[tuple[int, Any]] = []  # (size class, Counts or a future of Counts)
 
     def _merge(self, a: Any, b: Any) -> Any:
         if self.client is None:
-            return _merge_pair(a, b)
+            return self.merge(a, b)
         # Before any waiting count task: a partial sum is merged as soon as its partner exists, not at the end.
-        return self.client.submit(_merge_pair, a, b, pure=False, priority=1, **_near(self.worker))
+        return self.client.submit(self.merge, a, b, pure=False, priority=1, **_near(self.worker))
 
     def add(self, counts: Any) -> None:
         level = 0
@@ -791,8 +795,11 @@ class _WorkerSums:
     """One :class:`_RunningSum` per worker, fed the batches that worker counted, its merges pinned to it: a
     partial sum stays where it was made. With one running sum for the cluster, merges fetched partial sums from
     other workers (5.8 s of transfers in a 40 s count of 10^8 annotations over 10^5 labels; 1.9 s so, in
-    docs/performance.md) and most merging fell to one worker; here each worker folds its own, and only one
-    total per worker moves."""
+    docs/performance.md) and most merging fell to one worker; here each worker folds its own.
+
+    The last merges are tiled by label range (:func:`_tiled_total`): with several workers, every worker's partial
+    sums are cut into one row range per worker and each range is summed on its own worker, so that no worker
+    merges the whole sum while the others wait."""
 
     def __init__(self, client: Client | None):
         self.client = client
@@ -804,19 +811,125 @@ class _WorkerSums:
         self.sums[worker].add(counts)
 
     def total(self) -> Any:
-        """The sum over every worker: Counts (empty if nothing was added), or with a client a future of them (not
-        waited for)."""
+        """The sum over every worker: Counts (empty if nothing was added), or with a client a future of them or
+        :class:`_Tiles` (not waited for)."""
+        if self.client is not None and len(self.sums) > 1:
+            return _tiled_total(self.client, self.sums)
         totals = [running.total() for running in self.sums.values()]
-        if len(totals) == 1:
-            return totals[0]
-        across = _RunningSum(self.client)
-        for total in totals:
-            across.add(total)
-        return across.total()
+        return totals[0] if totals else Counts.empty()
+
+
+def _tiled_total(client: Client, sums: Mapping[str | None, _RunningSum]) -> _Tiles:
+    """Every partial sum of ``sums`` cut into one label range of rows per worker, each range summed on its
+    worker (a :class:`_RunningSum` of its own there). The cuts come from the largest partial sum, as labels that
+    split its pairs evenly; a task works them out on the worker that holds it."""
+    workers = list(sums)
+    parts = [(worker, counts, level) for worker in workers for level, counts in sums[worker].stack]
+    holder, largest, _ = max(parts, key=lambda part: part[2])
+    cuts = client.submit(_row_cuts, largest, len(workers), pure=False, priority=1, **_near(holder))
+    tiles = []
+    for r, worker in enumerate(workers):
+        running = _RunningSum(client, worker, merge=_merge_tile)
+        for where, counts, _ in parts:
+            running.add(client.submit(_tile, counts, cuts, r, pure=False, priority=1, **_near(where)))
+        tiles.append(running.total())
+    return _Tiles(tiles, cuts)
+
+
+def _row_cuts(counts: Counts, n: int) -> list[str]:
+    """``n - 1`` labels that cut the rows of ``counts`` (in sorted vocabulary order) into ``n`` ranges holding
+    about equal numbers of pairs: range r is the rows whose labels sort at or after cut r - 1 and before cut r."""
+    if not counts.n_labels:
+        return [""] * (n - 1)
+    per_row = np.cumsum(np.diff(counts.pairs.indptr))
+    rows = np.searchsorted(per_row, per_row[-1] * np.arange(1, n) / n) + 1
+    return [str(label) for label in counts.labels[np.minimum(rows, counts.n_labels - 1)]]
+
+
+def _tile_rows(labels: np.ndarray, cuts: Sequence[str], r: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of sorted ``labels`` in range ``r`` of ``cuts``."""
+    bounds = [0, *np.searchsorted(labels, np.asarray(cuts, dtype=object)).tolist(), labels.size]
+    return bounds[r], bounds[r + 1]
+
+
+def _tile(counts: Counts, cuts: Sequence[str], r: int) -> Counts:
+    """The rows of ``counts`` in range ``r`` of ``cuts``, over the same vocabulary. Label counts, examples and
+    the manifest go with range 0 alone, so that the ranges add up to ``counts``. The pairs are a view: moving
+    the tile to another worker moves its rows only."""
+    lo, hi = _tile_rows(counts.labels, cuts, r)
+    ip = counts.pairs.indptr
+    a, b = int(ip[lo]), int(ip[hi])
+    indptr = np.empty_like(ip)
+    indptr[: lo + 1] = 0
+    indptr[lo + 1 : hi + 1] = ip[lo + 1 : hi + 1] - a
+    indptr[hi + 1 :] = b - a
+    pairs = sp.csr_matrix((counts.pairs.data[a:b], counts.pairs.indices[a:b], indptr), shape=counts.pairs.shape)
+    if r == 0:
+        return Counts(counts.labels, counts.label_counts, pairs, counts.n_examples, dict(counts.manifest))
+    return Counts(counts.labels, np.zeros(counts.n_labels, np.int64), pairs)
+
+
+def _merge_tile(a: Counts, b: Counts) -> Counts:
+    """:func:`_merge_pair`, under its own name: a tile's merges fetch other workers' rows by design, and tests and
+    bench/count_tasks.py tell them apart by their task keys."""
+    return a.merge(b, sorted_union=True)
+
+
+def _n_pairs(counts: Counts) -> int:
+    return counts.n_pairs
+
+
+class _Tiles:
+    """The final sum as row ranges (futures of Counts over one vocabulary, each with only its own rows), put
+    together in this process one range at a time into arrays allocated once: the client holds the result and
+    one range, not every range and then their concatenation."""
+
+    def __init__(self, tiles: list[Any], cuts: Any):
+        self.tiles = tiles
+        self.cuts = cuts
+
+    def result(self) -> Counts:
+        client = self.cuts.client
+        sizes = client.gather([client.submit(_n_pairs, t, pure=False, priority=1) for t in self.tiles])
+        cuts = self.cuts.result()
+        n = sum(sizes)
+        at = 0
+        out: dict[str, Any] = {}
+        for r, future in enumerate(self.tiles):
+            tile = future.result()
+            self.tiles[r] = None  # let the workers drop it
+            if r == 0:
+                m = tile.n_labels
+                out = {
+                    "labels": tile.labels,
+                    "label_counts": np.zeros(m, np.int64),
+                    "data": np.empty(n, np.int64),
+                    "indices": np.empty(n, _index_dtype(m, n)),
+                    "indptr": np.zeros(m + 1, _index_dtype(m, n)),
+                    "n_examples": 0,
+                    "manifest": {},
+                }
+            elif not np.array_equal(tile.labels, out["labels"]):
+                raise RuntimeError("internal error: the row ranges of the final sum have different vocabularies")
+            lo, hi = _tile_rows(tile.labels, cuts, r)
+            ip = tile.pairs.indptr
+            if ip[lo] != 0 or ip[hi] != tile.n_pairs:
+                raise RuntimeError(f"internal error: row range {r} of the final sum has pairs outside its rows")
+            out["data"][at : at + tile.n_pairs] = tile.pairs.data
+            out["indices"][at : at + tile.n_pairs] = tile.pairs.indices
+            out["indptr"][lo + 1 : hi + 1] = ip[lo + 1 : hi + 1] + at
+            at += tile.n_pairs
+            out["label_counts"] += tile.label_counts
+            out["n_examples"] += tile.n_examples
+            out["manifest"].update(tile.manifest)
+            del tile
+        m = out["labels"].size
+        pairs = sp.csr_matrix((out["data"], out["indices"], out["indptr"]), shape=(m, m))
+        return Counts(out["labels"], out["label_counts"], pairs, out["n_examples"], out["manifest"])
 
 
 def _wait(total: Any) -> Counts:
-    """Counts, from Counts or a future of them."""
+    """Counts, from Counts, a future of them or :class:`_Tiles`."""
     return total if isinstance(total, Counts) else total.result()
 
 

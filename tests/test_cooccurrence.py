@@ -119,9 +119,10 @@ def test_dask_counts_equal_in_process_counts(workers, dask_clients, eurlex_dir):
 
 
 def test_partial_sums_stay_on_the_worker_that_made_them(eurlex_dir, tmp_path):
-    """Each worker merges the batches it counted: partial sums move between workers only in the last merge (one
-    per worker beyond the first), not batch after batch. Work stealing is off so that Dask cannot move a merge
-    that our placement put where its inputs are."""
+    """Each worker merges the batches it counted: no partial sum moves between workers batch after batch. The last
+    merges are tiled: every partial sum is cut into one row range per worker, and each range is summed on its own
+    worker, so that both share the final sum. Work stealing is off so that Dask cannot move a merge that our
+    placement put where its inputs are."""
     import dask
     from distributed import get_task_stream
 
@@ -130,13 +131,47 @@ def test_partial_sums_stay_on_the_worker_that_made_them(eurlex_dir, tmp_path):
     paths = resplit(discover_shards([eurlex_dir]), tmp_path, 16)
     with dask.config.set({"distributed.scheduler.work-stealing": False}), dask_client(n_workers=2) as client:
         with get_task_stream(client) as stream:
-            result = count_shards(paths, client, batch_bytes=1)  # a batch per shard: 15 merges
-    merges = [t for t in stream.data if t["key"].startswith("_merge_pair")]
-    moved = [t for t in merges if any(s["action"] == "transfer" for s in t["startstops"])]
-    counted_on = {t["worker"] for t in stream.data if t["key"].startswith("count-batch")}
-    assert len(merges) == 15
-    assert len(moved) <= len(counted_on) - 1
+            result = count_shards(paths, client, batch_bytes=1)  # a batch per shard
+    tasks = {
+        kind: [t for t in stream.data if t["key"].startswith(kind)] for kind in ("_merge_pair", "_tile-", "_merge_tile")
+    }
+    moved = [t for t in tasks["_merge_pair"] if any(s["action"] == "transfer" for s in t["startstops"])]
+    parts = len(tasks["_tile-"]) // 2  # partial sums left on the workers, each cut in 2
+    assert moved == []
+    assert len(tasks["_merge_pair"]) + parts == 16  # every batch folded into one of them
+    assert len(tasks["_merge_tile"]) == 2 * (parts - 1)
+    assert len({t["worker"] for t in tasks["_merge_tile"]}) == 2
     assert result.counts.equals(count_shards(paths).counts)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_row_ranges_add_up_to_the_counts(n, eurlex_dir):
+    """The final sum's row ranges (_row_cuts, _tile): disjoint, about equal in pairs, summing to the whole."""
+    counts = count_shards(discover_shards([eurlex_dir])).counts
+    cuts = cooccurrence._row_cuts(counts, n)
+    tiles = [cooccurrence._tile(counts, cuts, r) for r in range(n)]
+    assert len(cuts) == n - 1 and cuts == sorted(cuts)
+    assert sum(t.n_pairs for t in tiles) == counts.n_pairs
+    widest_row = int(np.diff(counts.pairs.indptr).max())
+    assert max(t.n_pairs for t in tiles) <= counts.n_pairs / n + widest_row
+    assert Counts.sum(tiles).equals(counts) and Counts.sum(tiles).manifest == counts.manifest
+
+
+def test_three_workers_share_the_final_sum(eurlex_dir, tmp_path):
+    """Three row ranges, summed on three workers and put together in the client, give the in-process counts."""
+    from distributed import get_task_stream
+
+    from pmi_pipeline.dask_cluster import dask_client
+
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 12)
+    with dask_client(n_workers=3, processes=False) as client, get_task_stream(client) as stream:
+        result = count_shards(paths, client, batch_bytes=1)
+    tiles = [t for t in stream.data if t["key"].startswith("_tile-")]
+    counted_on = {t["worker"] for t in stream.data if t["key"].startswith("count-batch")}
+    assert len(counted_on) >= 2 and tiles and len(tiles) % len(counted_on) == 0  # each partial sum cut in as many
+    local = count_shards(paths).counts
+    assert result.counts.labels.tolist() == local.labels.tolist() and result.counts.equals(local)
+    assert result.counts.manifest == local.manifest and result.counts.n_examples == local.n_examples
 
 
 def test_bad_shard_is_rejected_and_others_go_on(eurlex_dir, tmp_path, dask_clients):

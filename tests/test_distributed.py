@@ -218,8 +218,8 @@ def test_count_tasks_run_on_both_worker_processes(cluster, eurlex_dir, tmp_path)
     assert len(counted) == len(shards)  # one task per shard
     assert set(counted.values()) == set(workers)  # both workers counted shards (idle workers take turns)
     assert all(workers[w]["pid"] != os.getpid() for w in counted.values())
-    merges = [r["worker"] for r in stream.data if _key(r).startswith("_merge_pair")]
-    assert len(merges) == len(shards) - 1 and set(merges) <= set(workers)
+    merges = [r["worker"] for r in stream.data if _key(r).startswith(("_merge_pair", "_merge_tile"))]
+    assert merges and set(merges) <= set(workers)  # the partial sums were merged on the workers
     # the factorization's block products ran on the cluster too, not in this process's threads
     assert len(stream.data) > len(counted) + len(merges)
     # and the workers summed exactly what this process counts on its own

@@ -917,7 +917,7 @@ class _Tiles:
                 raise RuntimeError(f"internal error: row range {r} of the final sum has pairs outside its rows")
             out["data"][at : at + tile.n_pairs] = tile.pairs.data
             out["indices"][at : at + tile.n_pairs] = tile.pairs.indices
-            out["indptr"][lo + 1 : hi + 1] = ip[lo + 1 : hi + 1] + at
+            out["indptr"][lo + 1 : hi + 1] = ip[lo + 1 : hi + 1].astype(out["indptr"].dtype) + at
             at += tile.n_pairs
             out["label_counts"] += tile.label_counts
             out["n_examples"] += tile.n_examples

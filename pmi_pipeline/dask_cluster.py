@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 #: 1.16x as long so (bench/worker_malloc.py). Up to 32 MiB, allocations now come from the heap and are reused.
 #: For workers started by ``dask worker``, set the same in their environment (docs/scale-out.md).
 WORKER_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 << 20}
+#: Dask's workers sample the stack of the running task every 10 ms for the dashboard's profile page; each sample
+#: takes the GIL from the task. Counting 10^8 annotations on 2 workers took 22.5 s with it and 19.0 s without
+#: (medians of 6 interleaved runs, bench/count_ab.py; docs/performance.md, sixth pass). The profile page stays
+#: empty for our LocalCluster; for workers started by ``dask worker``, set
+#: ``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False`` in their environment (docs/scale-out.md).
+WORKER_PROFILE = {"distributed.worker.profile.enabled": False}
 
 
 @contextlib.contextmanager
@@ -56,7 +62,7 @@ def dask_client(
         return
     n_workers = n_workers or os.cpu_count() or 1
     # Kept until the cluster closes, for workers the nanny restarts too; and undone if the cluster fails to start.
-    with dask.config.set(WORKER_MALLOC):
+    with dask.config.set({**WORKER_MALLOC, **WORKER_PROFILE}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

@@ -286,3 +286,11 @@ def test_local_workers_get_the_malloc_setting(dask_clients):
     for client in dask_clients.values():
         seen = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
         assert set(seen.values()) == {str(value)}
+
+
+def test_local_workers_do_not_profile(dask_clients):
+    """Dask's statistical profiler is off on our LocalCluster's workers (dask_cluster.WORKER_PROFILE): its samples
+    every 10 ms take the GIL from the count tasks, which ran about 15% slower with it (docs/performance.md)."""
+    for client in dask_clients.values():
+        seen = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert set(seen.values()) == {False}

@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -513,9 +513,7 @@ def count_batch(
         except ShardError as exc:
             outcomes.append(exc)
             continue
-        # Held until the batch is counted, as int32 codes where they fit: without this copy (commit 616688f) a
-        # batch of 8 shards peaked 18-30 MiB higher in bench/batch_memory.py (148-160 against 130 MiB).
-        anns.append(replace(ann, example_codes=_compact(ann.example_codes), label_codes=_compact(ann.label_codes)))
+        anns.append(ann)
         outcomes.append((ann.sha256, ann.example_ids))
         del ann
     counts = _count_consumed(anns)  # empties anns: each shard's codes go once copied into the batch's
@@ -563,10 +561,6 @@ def plan_batches(sizes: Sequence[int], slots: int = 1, max_bytes: int = BATCH_BY
     if start < len(sizes):
         batches.append(range(start, len(sizes)))
     return batches
-
-
-def _compact(codes: np.ndarray) -> np.ndarray:
-    return codes.astype(_index_dtype(int(codes.max()) + 1 if codes.size else 0), copy=False)
 
 
 def _first(pair: tuple[Counts, Any]) -> Counts:

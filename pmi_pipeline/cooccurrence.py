@@ -266,12 +266,12 @@ def upper_pair_counts(
     """
     if not example_codes.size or m < 2:
         return sp.csr_matrix((m, m), dtype=np.int64)
-    at = _index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes an example less
-    sizes = np.bincount(example_codes).astype(at)
-    starts = np.cumsum(sizes, dtype=at) - sizes
+    index = _index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes less each
+    sizes = np.bincount(example_codes).astype(index)
+    starts = np.cumsum(sizes, dtype=index) - sizes
     counter = _KeyCounter(m, block, max_count=sizes.size)
     size_class = np.minimum(sizes, SMALL_EXAMPLE + 1).astype(np.uint8)
-    by_size = np.argsort(size_class, kind="stable").astype(at)  # a radix sort, for 8-bit values
+    by_size = np.argsort(size_class, kind="stable").astype(index)  # a radix sort, for 8-bit values
     bounds = np.searchsorted(size_class[by_size], np.arange(SMALL_EXAMPLE + 2))
     for size in range(2, SMALL_EXAMPLE + 1):
         examples = by_size[bounds[size] : bounds[size + 1]]
@@ -866,7 +866,7 @@ def _tile(counts: Counts, cuts: Sequence[str], r: int) -> Counts:
 def _merge_tile(a: Counts, b: Counts) -> Counts:
     """:func:`_merge_pair`, under its own name: a tile's merges fetch other workers' rows by design, and tests and
     bench/count_tasks.py tell them apart by their task keys."""
-    return a.merge(b, sorted_union=True)
+    return _merge_pair(a, b)
 
 
 def _n_pairs(counts: Counts) -> int:
@@ -886,40 +886,30 @@ class _Tiles:
         client = self.cuts.client
         sizes = client.gather([client.submit(_n_pairs, t, pure=False, priority=1) for t in self.tiles])
         cuts = self.cuts.result()
-        n = sum(sizes)
+        first = self.tiles[0].result()
+        labels, m, n = first.labels, first.n_labels, sum(sizes)
+        data, indices = np.empty(n, np.int64), np.empty(n, _index_dtype(m, n))
+        indptr = np.zeros(m + 1, _index_dtype(m, n))
+        label_counts, n_examples, manifest = np.zeros(m, np.int64), 0, {}
         at = 0
-        out: dict[str, Any] = {}
-        for r, future in enumerate(self.tiles):
-            tile = future.result()
-            self.tiles[r] = None  # let the workers drop it
-            if r == 0:
-                m = tile.n_labels
-                out = {
-                    "labels": tile.labels,
-                    "label_counts": np.zeros(m, np.int64),
-                    "data": np.empty(n, np.int64),
-                    "indices": np.empty(n, _index_dtype(m, n)),
-                    "indptr": np.zeros(m + 1, _index_dtype(m, n)),
-                    "n_examples": 0,
-                    "manifest": {},
-                }
-            elif not np.array_equal(tile.labels, out["labels"]):
+        for r in range(len(self.tiles)):
+            tile = first if r == 0 else self.tiles[r].result()
+            first = self.tiles[r] = None  # let the workers drop the range, and this process once it is copied
+            if not np.array_equal(tile.labels, labels):
                 raise RuntimeError("internal error: the row ranges of the final sum have different vocabularies")
-            lo, hi = _tile_rows(tile.labels, cuts, r)
+            lo, hi = _tile_rows(labels, cuts, r)
             ip = tile.pairs.indptr
             if ip[lo] != 0 or ip[hi] != tile.n_pairs:
                 raise RuntimeError(f"internal error: row range {r} of the final sum has pairs outside its rows")
-            out["data"][at : at + tile.n_pairs] = tile.pairs.data
-            out["indices"][at : at + tile.n_pairs] = tile.pairs.indices
-            out["indptr"][lo + 1 : hi + 1] = ip[lo + 1 : hi + 1].astype(out["indptr"].dtype) + at
+            data[at : at + tile.n_pairs] = tile.pairs.data
+            indices[at : at + tile.n_pairs] = tile.pairs.indices
+            indptr[lo + 1 : hi + 1] = ip[lo + 1 : hi + 1].astype(indptr.dtype) + at
             at += tile.n_pairs
-            out["label_counts"] += tile.label_counts
-            out["n_examples"] += tile.n_examples
-            out["manifest"].update(tile.manifest)
+            label_counts += tile.label_counts
+            n_examples += tile.n_examples
+            manifest.update(tile.manifest)
             del tile
-        m = out["labels"].size
-        pairs = sp.csr_matrix((out["data"], out["indices"], out["indptr"]), shape=(m, m))
-        return Counts(out["labels"], out["label_counts"], pairs, out["n_examples"], out["manifest"])
+        return Counts(labels, label_counts, sp.csr_matrix((data, indices, indptr), shape=(m, m)), n_examples, manifest)
 
 
 def _wait(total: Any) -> Counts:

@@ -36,8 +36,14 @@ print(time.perf_counter() - start)
 
 def run(corpus: Path, starts: list[int], n: int) -> list[float]:
     """Seconds of each process, all started together."""
+    # from the corpus folder: `python -c` puts the working directory ahead of PYTHONPATH on sys.path
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, str(corpus), str(s), str(n)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(corpus.resolve()), str(s), str(n)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=corpus.resolve(),
+        )
         for s in starts
     ]
     return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import tempfile
 import threading
@@ -62,8 +63,6 @@ def measure(paths: list[Path]) -> dict:
 
 
 def _annotations(corpus: Path) -> int:
-    import json
-
     return int(json.loads((corpus / "corpus.json").read_text())["n_annotations"])
 
 

@@ -57,7 +57,12 @@ def main() -> None:
             for name, env in SETTINGS.items():
                 base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
                 out = subprocess.run(
-                    [sys.executable, "-c", CHILD, tmp], env={**base, **env}, capture_output=True, text=True, check=True
+                    [sys.executable, "-c", CHILD, tmp],
+                    env={**base, **env},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=tmp,  # `python -c` puts the working directory ahead of PYTHONPATH on sys.path
                 )
                 runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = {name: min(r["seconds"] for r in rs) for name, rs in runs.items()}

@@ -31,7 +31,14 @@ import scipy.sparse as sp
 from pmi_pipeline.errors import ShardError
 from pmi_pipeline.example_ids import ExampleIndex, FingerprintFiles, Repeat, find_repeats, hash_example_ids
 from pmi_pipeline.faults import fault_point
-from pmi_pipeline.shards import ID_COLUMN, Annotations, read_annotations
+from pmi_pipeline.shards import (
+    ID_COLUMN,
+    Annotations,
+    ShardCodes,
+    distinct_pairs,
+    read_annotations,
+    read_shard_codes,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -49,7 +56,9 @@ class Counts:
 
     labels: np.ndarray  # (m,) object array of str
     label_counts: np.ndarray  # (m,) int64
-    pairs: sp.csr_matrix  # (m, m) int64, strictly upper triangular
+    # (m, m), strictly upper triangular: int64 from count_shards and Counts.sum; int32 inside a count (a batch's
+    # counts, partial sums) while the examples counted fit, a third less to merge and move (see merge)
+    pairs: sp.csr_matrix
     n_examples: int = 0
     manifest: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -122,13 +131,25 @@ class Counts:
             new = sorted(label for label in other.labels.tolist() if label not in known)
             labels = np.concatenate([self.labels, np.asarray(new, dtype=object)]) if new else self.labels
             a, b = self.reindex(labels), other.reindex(labels)
+        n_examples = self.n_examples + other.n_examples
+        if _count_dtype(n_examples) is np.int64:  # a pair counts at most once per example: int32 would overflow
+            a, b = a.widened(), b.widened()
         return Counts(
             labels,
             a.label_counts + b.label_counts,
             (a.pairs + b.pairs).tocsr(),
-            self.n_examples + other.n_examples,
+            n_examples,
             {**self.manifest, **other.manifest},
         )
+
+    def widened(self) -> Counts:
+        """The same counts with int64 pair counts (sharing the index arrays): what callers of a count receive."""
+        if self.pairs.dtype == np.int64:
+            return self
+        pairs = sp.csr_matrix(
+            (self.pairs.data.astype(np.int64), self.pairs.indices, self.pairs.indptr), shape=self.pairs.shape
+        )
+        return Counts(self.labels, self.label_counts, pairs, self.n_examples, self.manifest)
 
     @staticmethod
     def sum(counts: Iterable[Counts]) -> Counts:
@@ -137,10 +158,12 @@ class Counts:
         running = _RunningSum(None)
         for c in counts:
             running.add(c)
-        return running.result()
+        return running.result().widened()
 
     def sorted(self) -> Counts:
         """The same counts with the vocabulary in sorted order: a canonical form, whatever the merge order."""
+        if self.labels.size < 2 or np.all(self.labels[1:] > self.labels[:-1]):  # the usual case: one pass, no sort
+            return Counts(self.labels, self.label_counts, self.pairs, self.n_examples, dict(self.manifest))
         order = np.argsort(self.labels.astype(str), kind="stable")
         return self.reindex(self.labels[order])
 
@@ -226,6 +249,11 @@ def _remap_monotone(pairs: sp.csr_matrix, position: np.ndarray, m: int) -> sp.cs
     return sp.csr_matrix((pairs.data, position.astype(dtype)[pairs.indices], indptr), shape=(m, m))
 
 
+def _count_dtype(n_examples: int) -> type:
+    """int32 pair counts while they cannot overflow: a pair is counted at most once per example."""
+    return np.int32 if n_examples < 2**31 - 1 else np.int64
+
+
 def _index_dtype(*sizes: int) -> type:
     """int32 indices while every size fits: 12 bytes per stored pair instead of 16 in every merge, 4 bytes per
     code or position instead of 8 when counting."""
@@ -305,7 +333,8 @@ class _KeyCounter:
         self.dtype = _index_dtype(m * m)
         self.dense = m * m <= DENSE_CELLS
         # a pair is counted at most once per example (max_count of them): int32 cells where that fits, half the memory
-        self.histogram = np.zeros(m * m if self.dense else 0, _index_dtype(max_count))
+        self.counts = _count_dtype(max_count)
+        self.histogram = np.zeros(m * m if self.dense else 0, self.counts)
         self.buffer = np.empty(0, self.dtype)
         self.block = block
         self.filled = 0
@@ -333,29 +362,31 @@ class _KeyCounter:
                 self.histogram += np.bincount(keys, minlength=self.histogram.size)
             return
         keys.sort()
-        distinct, counts = _distinct_counts(keys)
+        distinct, counts = _distinct_counts(keys, self.counts)
         self.add_matrix(_keys_to_csr(distinct.astype(np.int64, copy=False), counts, self.m))
 
     def add_matrix(self, pairs: sp.csr_matrix) -> None:
+        if pairs.dtype != self.counts:
+            pairs = sp.csr_matrix((pairs.data.astype(self.counts), pairs.indices, pairs.indptr), shape=pairs.shape)
         self.parts.append(pairs)
 
     def result(self) -> sp.csr_matrix:
         self._flush()
         if self.dense:
             keys = np.flatnonzero(self.histogram)
-            self.parts.append(_keys_to_csr(keys, self.histogram[keys].astype(np.int64), self.m))
+            self.parts.append(_keys_to_csr(keys, self.histogram[keys], self.m))
         while len(self.parts) > 1:  # pairwise, so that every part is added about log2(parts) times
             self.parts = [
                 (self.parts[i] + self.parts[i + 1]).tocsr() if i + 1 < len(self.parts) else self.parts[i]
                 for i in range(0, len(self.parts), 2)
             ]
-        return self.parts[0] if self.parts else sp.csr_matrix((self.m, self.m), dtype=np.int64)
+        return self.parts[0] if self.parts else sp.csr_matrix((self.m, self.m), dtype=self.counts)
 
 
-def _distinct_counts(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct values of sorted keys and how often each occurs."""
+def _distinct_counts(sorted_keys: np.ndarray, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of sorted keys and how often each occurs (as ``dtype``)."""
     starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-    return sorted_keys[starts], np.diff(np.append(starts, sorted_keys.size)).astype(np.int64)
+    return sorted_keys[starts], np.diff(np.append(starts, sorted_keys.size)).astype(dtype)
 
 
 def _keys_to_csr(keys: np.ndarray, counts: np.ndarray, m: int) -> sp.csr_matrix:
@@ -436,46 +467,55 @@ def counts_from_annotations(ann: Annotations) -> Counts:
 def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
     """Counts of several validated shards at once: their vocabularies united once and their pairs counted in one
     pass, which costs far less than counting each and merging (no per-shard vocabulary union or sparse sum)."""
-    return _count_consumed(list(anns))
+    return _count_consumed([_as_codes(a) for a in anns])
 
 
-def _count_consumed(anns: list[Annotations]) -> Counts:
-    """:func:`counts_from_batch`, emptying ``anns`` as each shard's codes are copied into the batch's, so that a
-    caller who hands over its only references never holds a shard's codes twice while the batch is counted."""
-    if not anns:
+def _as_codes(ann: Annotations) -> ShardCodes:
+    a = ann
+    return ShardCodes(a.path, a.sha256, a.labels, a.example_codes, a.label_codes, a.n_examples, a.n_rows, a.example_ids)
+
+
+def _count_consumed(shards: list[ShardCodes]) -> Counts:
+    """:func:`counts_from_batch` for shards as read (:func:`~pmi_pipeline.shards.read_shard_codes`): the labels
+    the batch uses are sorted once for the whole batch (not once per shard, then again to unite them: 40% of a
+    batch's time at 10^5 labels, docs/performance.md), and each shard's codes are written straight into the
+    batch's arrays. Empties ``shards`` as it goes, so that a caller who hands over its only references never
+    holds a shard's codes twice while the batch is counted."""
+    if not shards:
         return Counts.empty()
-    digests = [a.sha256 for a in anns]
+    digests = [s.sha256 for s in shards]
     if len(set(digests)) < len(digests):
         raise ValueError(f"shard(s) counted twice: {sorted(d for d in digests if digests.count(d) > 1)[:3]}")
-    manifest = {
-        a.sha256: {
-            "path": str(a.path),
-            "n_examples": a.n_examples,
-            "n_annotations": a.n_annotations,
-            "n_rows": a.n_rows,
-        }
-        for a in anns
-    }
-    if len(anns) == 1:
-        labels, positions = anns[0].labels.to_numpy(zero_copy_only=False).astype(object), [None]
-    else:
-        labels, positions = _sorted_union_many([a.labels for a in anns])
+    used = [np.flatnonzero(np.bincount(s.entry_codes, minlength=len(s.dictionary))) for s in shards]
+    labels, positions = _sorted_union_many([s.dictionary.take(pa.array(u)) for s, u in zip(shards, used, strict=True)])
     m = labels.size
-    offsets = np.cumsum([0, *(a.n_examples for a in anns)]).tolist()
+    offsets = np.cumsum([0, *(s.n_examples for s in shards)]).tolist()
     idx = _index_dtype(offsets[-1], m)  # int32 codes where they fit
-    total = sum(a.n_annotations for a in anns)
+    total = sum(s.entry_codes.size for s in shards)  # before repeated pairs are dropped
     example_codes, label_codes = np.empty(total, idx), np.empty(total, idx)
+    manifest = {}
     at = 0
-    for position, offset in zip(positions, offsets[:-1], strict=True):
-        a = anns.pop(0)
-        end = at + a.n_annotations
-        np.add(a.example_codes, offset, out=example_codes[at:end], casting="same_kind")
-        if position is None:
-            label_codes[at:end] = a.label_codes
-        else:
-            np.take(position.astype(idx), a.label_codes, out=label_codes[at:end])
+    for u, position, offset in zip(used, positions, offsets[:-1], strict=True):
+        shard = shards.pop(0)
+        rank = np.zeros(len(shard.dictionary), idx)
+        rank[u] = position
+        end = at + shard.entry_codes.size
+        examples, codes = example_codes[at:end], label_codes[at:end]
+        np.take(rank, shard.entry_codes, out=codes)
+        np.add(shard.example_codes, offset, out=examples, casting="same_kind")
+        kept_examples, kept_codes = distinct_pairs(examples, codes, m)
+        if kept_codes is not codes:  # repeats dropped, or pairs out of order: sorted into place
+            end = at + kept_codes.size
+            example_codes[at:end], label_codes[at:end] = kept_examples, kept_codes
+        manifest[shard.sha256] = {
+            "path": str(shard.path),
+            "n_examples": shard.n_examples,
+            "n_annotations": end - at,
+            "n_rows": shard.n_rows,
+        }
         at = end
-        del a
+        del shard, examples, codes, kept_examples, kept_codes
+    example_codes, label_codes = example_codes[:at], label_codes[:at]
     label_counts = np.bincount(label_codes, minlength=m).astype(np.int64)
     pairs = upper_pair_counts(example_codes, label_codes, m)
     return Counts(labels, label_counts, pairs, offsets[-1], manifest)
@@ -505,18 +545,18 @@ def count_batch(
     so that it costs neither the other shards of the batch nor the other tasks) and contributes nothing.
     """
     expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
-    anns: list[Annotations] = []
+    shards: list[ShardCodes] = []
     outcomes: list[ShardOutcome] = []
     for path, sha in zip(paths, expected, strict=True):
         try:
-            ann = read_annotations(path, expected_sha256=sha)
+            shard = read_shard_codes(path, expected_sha256=sha)
         except ShardError as exc:
             outcomes.append(exc)
             continue
-        anns.append(ann)
-        outcomes.append((ann.sha256, ann.example_ids))
-        del ann
-    counts = _count_consumed(anns)  # empties anns: each shard's codes go once copied into the batch's
+        shards.append(shard)
+        outcomes.append((shard.sha256, shard.example_ids))
+        del shard
+    counts = _count_consumed(shards)  # empties shards: each shard's codes go once copied into the batch's
     _release_free_heap()
     return counts, outcomes
 
@@ -738,7 +778,7 @@ def count_shards(
         del total
     rejected.sort(key=lambda e: str(e.path))
     fault_point("count:merged")
-    return CountResult(counts.sorted(), rejected, time.perf_counter() - start, fingerprints)
+    return CountResult(counts.sorted().widened(), rejected, time.perf_counter() - start, fingerprints)
 
 
 class _RunningSum:

@@ -41,7 +41,7 @@ IMPORT_TRAIN_SUBDIR = Path("annotations") / "train"
 
 @dataclass(frozen=True)
 class Annotations:
-    """One validated shard as integer codes: ``(example_codes[i], label_codes[i])`` are distinct pairs.
+    """One validated shard as integer codes: ``(example_codes[i], label_codes[i])`` are distinct pairs, sorted.
 
     ``labels`` is the shard's own vocabulary, sorted, so that a shard's counts do not depend on any other shard.
     """
@@ -49,8 +49,8 @@ class Annotations:
     path: Path
     sha256: str
     labels: pa.Array  # (m_local,) strings, sorted and distinct
-    example_codes: np.ndarray  # (nnz,) int64, in [0, n_examples)
-    label_codes: np.ndarray  # (nnz,) int64, in [0, m_local)
+    example_codes: np.ndarray  # (nnz,) int32 (int64 past 2^31 values), in [0, n_examples)
+    label_codes: np.ndarray  # (nnz,) int32 (int64 past 2^31 values), in [0, m_local)
     n_examples: int
     n_rows: int  # rows in the file, before dropping negatives and repeats
     example_ids: np.ndarray  # (n_examples,) uint64 fingerprints of the example ids, sorted (see example_ids.py)
@@ -58,6 +58,23 @@ class Annotations:
     @property
     def n_annotations(self) -> int:
         return int(self.example_codes.size)
+
+
+@dataclass(frozen=True)
+class ShardCodes:
+    """One validated shard as (example, dictionary entry) codes, one per kept label value, before its labels are
+    sorted and its repeated (example, label) pairs dropped: :func:`read_annotations` does that per shard, and
+    counting a batch of shards does it once for the whole batch, sorting its labels once rather than once per
+    shard. ``dictionary`` may repeat a label (each row group has its own) or hold labels no kept value uses."""
+
+    path: Path
+    sha256: str
+    dictionary: pa.Array  # strings
+    example_codes: np.ndarray  # (n_values,) int32 (int64 past 2^31 values), in [0, n_examples), in row order
+    entry_codes: np.ndarray  # (n_values,) indices into ``dictionary``
+    n_examples: int
+    n_rows: int
+    example_ids: np.ndarray  # (n_examples,) uint64 fingerprints of the example ids, sorted
 
 
 def shard_hash(path: str | Path) -> str:
@@ -177,7 +194,27 @@ def _check_utf8(
 def read_annotations(
     path: str | Path, *, expected_sha256: str | None = None, max_label_bytes: int = MAX_LABEL_BYTES
 ) -> Annotations:
-    """Read one shard, validate it against the contract and encode it as integer pairs.
+    """Read one shard, validate it against the contract and encode it as integer pairs over its own sorted
+    vocabulary (:func:`read_shard_codes`, then the labels sorted and repeats dropped)."""
+    shard = read_shard_codes(path, expected_sha256=expected_sha256, max_label_bytes=max_label_bytes)
+    label_codes, labels = _sorted_codes(shard.entry_codes, shard.dictionary)
+    example_codes, label_codes = distinct_pairs(shard.example_codes, label_codes, len(labels))
+    return Annotations(
+        path=shard.path,
+        sha256=shard.sha256,
+        labels=labels,
+        example_codes=example_codes,
+        label_codes=label_codes,
+        n_examples=shard.n_examples,
+        n_rows=shard.n_rows,
+        example_ids=shard.example_ids,
+    )
+
+
+def read_shard_codes(
+    path: str | Path, *, expected_sha256: str | None = None, max_label_bytes: int = MAX_LABEL_BYTES
+) -> ShardCodes:
+    """Read one shard, validate it against the contract and encode its examples and label values as codes.
 
     Raises :class:`ShardError` on the first violation: unreadable or non-Parquet file, missing or unknown
     columns, wrong types, nulls, empty label lists, empty or over-long labels, invalid UTF-8, NaN or
@@ -209,6 +246,7 @@ def read_annotations(
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:  # pyarrow's errors for empty, corrupt or foreign files
         raise ShardError(path, f"not a readable Parquet file ({exc})") from None
+    del data, parquet, reader, groups
 
     n_rows = table.num_rows
     ids = table.column(ID_COLUMN).combine_chunks()
@@ -257,11 +295,12 @@ def read_annotations(
                 row=int(row[0]),
                 column=label_column,
             )
-        row_of_value = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+        row_of_value = np.repeat(np.arange(n_rows, dtype=_code_dtype(n_rows)), lengths)
         column = pc.list_flatten(column)
     else:
         row_of_value = None
     codes, vocab = _dictionary_codes(path, column)
+    del table, column
 
     def first_use(bad_entries: np.ndarray) -> int | None:
         """Index of the first value that is one of the dictionary's ``bad_entries`` (a mask), if any."""
@@ -292,37 +331,61 @@ def read_annotations(
             column=label_column,
         )
 
-    # Encode examples and labels as integer codes.
+    # Each value's example: the row's, when row i is example i (increasing integer ids, the common case).
     example_of_row, example_ids = _example_codes(ids)
-    example_of_value = example_of_row if row_of_value is None else example_of_row[row_of_value]
+    if row_of_value is None:
+        example_of_value = np.arange(n_rows, dtype=_code_dtype(n_rows)) if example_of_row is None else example_of_row
+    else:
+        example_of_value = row_of_value if example_of_row is None else example_of_row[row_of_value]
+    hashes = hash_example_ids(example_ids)
     if keep_rows is not None:
         keep_values = keep_rows if row_of_value is None else keep_rows[row_of_value]
         example_of_value = example_of_value[keep_values]
         codes = codes[keep_values]
-    label_codes, sorted_vocab = _sorted_codes(codes, vocab)
-
-    # Examples that only had negatives vanish; renumber the remaining ones densely (bincount, not np.unique: its
-    # hash-based path was the slowest step of counting).
-    n_ids = int(example_of_row.max()) + 1 if example_of_row.size else 0
-    present = np.bincount(example_of_value, minlength=n_ids) > 0
-    renumber = np.cumsum(present) - 1
-    n_local = max(len(sorted_vocab), 1)
-    pair_keys = renumber[example_of_value] * n_local + label_codes
-    # Sorted, distinct (example, label) keys: already so when each example is one row with its labels sorted
-    # and distinct (as the generator and many exporters write them); otherwise sorted here, repeats collapsed.
-    if pair_keys.size and not np.all(pair_keys[1:] > pair_keys[:-1]):
-        pair_keys.sort()
-        pair_keys = pair_keys[np.concatenate(([True], pair_keys[1:] != pair_keys[:-1]))]
-    return Annotations(
+        # Examples that only had negatives vanish; renumber the rest densely (bincount, not np.unique: its
+        # hash-based path was the slowest step of counting). Without negatives every example has a value.
+        present = np.bincount(example_of_value, minlength=hashes.size) > 0
+        if not present.all():
+            renumber = (np.cumsum(present) - 1).astype(example_of_value.dtype)
+            example_of_value = renumber[example_of_value]
+            hashes = hashes[present]
+    return ShardCodes(
         path=path,
         sha256=sha,
-        labels=sorted_vocab,
-        example_codes=pair_keys // n_local,
-        label_codes=pair_keys % n_local,
-        n_examples=int(present.sum()),
+        dictionary=vocab,
+        example_codes=example_of_value,
+        entry_codes=codes,
+        n_examples=int(hashes.size),
         n_rows=n_rows,
-        example_ids=np.sort(hash_example_ids(example_ids)[present]),
+        example_ids=np.sort(hashes),
     )
+
+
+def distinct_pairs(example_codes: np.ndarray, label_codes: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(example, label) codes sorted and distinct. Returned as given, after one pass to check them, when each
+    example is one row with its labels sorted and distinct (as the generator and many exporters write them);
+    otherwise sorted, and repeats dropped (an example's labels are a set)."""
+    if _sorted_distinct(example_codes, label_codes):
+        return example_codes, label_codes
+    keys = example_codes.astype(np.int64) * max(m, 1) + label_codes
+    keys.sort()
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    return (keys // max(m, 1)).astype(example_codes.dtype), (keys % max(m, 1)).astype(label_codes.dtype)
+
+
+def _sorted_distinct(example_codes: np.ndarray, label_codes: np.ndarray) -> bool:
+    """Whether the pairs are strictly increasing (by example, then label), without forming int64 keys."""
+    if example_codes.size < 2:
+        return True
+    ex_next, ex = example_codes[1:], example_codes[:-1]
+    if not np.all(ex_next >= ex):
+        return False
+    return bool(np.all((ex_next != ex) | (label_codes[1:] > label_codes[:-1])))
+
+
+def _code_dtype(n: int) -> type:
+    """int32 codes where ``n`` fits: half the memory of int64 in every per-value array."""
+    return np.int32 if n < 2**31 - 1 else np.int64
 
 
 def _leaves(parquet: pq.ParquetFile, column: str) -> list[str]:
@@ -337,26 +400,30 @@ def _leaves(parquet: pq.ParquetFile, column: str) -> list[str]:
 
 def _dictionary_codes(path: Path, labels: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
     """Each value's index into one dictionary of its column's strings (-1 for a null), whatever the chunks: each
-    row group comes with its own dictionary, and some writers store plain strings."""
+    row group comes with its own dictionary, and some writers store plain strings. One chunk without nulls (the
+    usual shard) hands over Arrow's own indices, uncopied."""
     chunks = labels.chunks if isinstance(labels, pa.ChunkedArray) else [labels]
     codes, dictionaries, offset = [], [], 0
+    dtype = _code_dtype(sum(len(chunk) for chunk in chunks))
     for chunk in chunks:
         if not pa.types.is_dictionary(chunk.type):
             chunk = pc.dictionary_encode(chunk)
         dictionary = chunk.dictionary if len(chunks) == 1 else chunk.dictionary.cast(pa.large_string())
         has_nulls = chunk.indices.null_count > 0
         index = pc.fill_null(chunk.indices, -1) if has_nulls else chunk.indices
-        index = index.to_numpy(zero_copy_only=False).astype(np.int64)
+        index = index.to_numpy(zero_copy_only=False)
         if index.size and (index.max() >= len(dictionary) or (not has_nulls and index.min() < 0)):
             raise ShardError(path, "not a readable Parquet file (label dictionary index out of range)")
+        if len(chunks) == 1 and not has_nulls and not dictionary.null_count and index.dtype.itemsize <= 4:
+            return index, dictionary
         valid = index >= 0
         if dictionary.null_count:
             valid &= dictionary.is_valid().to_numpy(zero_copy_only=False)[np.maximum(index, 0)]
-        codes.append(np.where(valid, index + offset, -1))
+        codes.append(np.where(valid, index.astype(dtype) + offset, -1).astype(dtype))
         dictionaries.append(dictionary)
         offset += len(dictionary)
     if not dictionaries:
-        return np.empty(0, np.int64), pa.array([], pa.large_string())
+        return np.empty(0, np.int32), pa.array([], pa.large_string())
     return np.concatenate(codes), pa.concat_arrays(dictionaries)
 
 
@@ -371,20 +438,21 @@ def _sorted_codes(codes: np.ndarray, dictionary: pa.Array) -> tuple[np.ndarray, 
     new = np.ones(order.size, bool)
     if order.size > 1:
         new[1:] = pc.not_equal(ordered.slice(1), ordered.slice(0, order.size - 1)).to_numpy(zero_copy_only=False)
-    code_of_entry = np.full(len(dictionary), -1, np.int64)
+    dtype = _code_dtype(codes.size)
+    code_of_entry = np.full(len(dictionary), -1, dtype)
     code_of_entry[used[order]] = np.cumsum(new) - 1
     return code_of_entry[codes], ordered.filter(pa.array(new))
 
 
-def _example_codes(ids: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Each row's example number (in order of first appearance) and the distinct ids: increasing integer ids
-    (the common case: one row per example, in order) need no hashing."""
+def _example_codes(ids: pa.Array) -> tuple[np.ndarray | None, pa.Array]:
+    """Each row's example number (in order of first appearance; None when row i is example i) and the distinct
+    ids: increasing integer ids (the common case: one row per example, in order) need no hashing."""
     if pa.types.is_integer(ids.type) and len(ids) > 0:
         values = ids.to_numpy(zero_copy_only=False)
         if np.all(values[1:] > values[:-1]):
-            return np.arange(values.size, dtype=np.int64), ids
+            return None, ids
     encoded = pc.dictionary_encode(ids)
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(_code_dtype(len(ids))), encoded.dictionary
 
 
 def _row(row_of_value: np.ndarray | None, index: int) -> int:

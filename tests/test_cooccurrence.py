@@ -22,7 +22,7 @@ from pmi_pipeline.cooccurrence import (
     upper_pair_counts,
 )
 from pmi_pipeline.errors import ShardError
-from pmi_pipeline.shards import discover_shards, read_annotations, write_annotation_shard
+from pmi_pipeline.shards import discover_shards, read_annotations, read_shard_codes, write_annotation_shard
 
 
 def assert_matches_reference(counts: Counts, shard_paths) -> None:
@@ -80,7 +80,8 @@ def test_pair_counts_equal_the_sparse_product_for_any_examples(monkeypatch, dens
     y = sp.csr_matrix((np.ones(label_codes.size), (example_codes, label_codes)), (example_codes.max() + 1, m))
     expected = sp.triu(y.T @ y, k=1).tocsr()
     got = upper_pair_counts(example_codes.astype(np.int32), label_codes.astype(np.int32), m, block=block)
-    assert got.dtype == np.int64 and got.has_canonical_format and (got != expected).nnz == 0
+    # int32 counts: a pair is counted at most once per example, and these examples are far fewer than 2^31
+    assert got.dtype == np.int32 and got.has_canonical_format and (got != expected).nnz == 0
 
 
 def resplit(paths, out_dir, n_shards):
@@ -113,6 +114,7 @@ def test_dask_counts_equal_in_process_counts(workers, dask_clients, eurlex_dir):
     local = count_shards(paths).counts
     seen = []
     distributed = count_shards(paths, dask_clients[workers], progress=lambda d, t: seen.append((d, t))).counts
+    assert local.pairs.dtype == distributed.pairs.dtype == np.int64  # int32 only inside the count
     assert distributed.labels.tolist() == local.labels.tolist()
     assert distributed.equals(local) and distributed.manifest == local.manifest
     assert seen[-1] == (len(paths), len(paths))
@@ -194,6 +196,22 @@ def test_merge_is_additive_and_order_free(eurlex_dir):
         parts[0].merge(parts[0])
 
 
+def test_a_merge_widens_pair_counts_before_they_could_overflow():
+    """Pair counts are int32 inside a count; a merge whose examples reach 2^31 adds them as int64, so that no
+    count wraps around (a pair is counted at most once per example)."""
+    labels = np.array(["a", "b"], dtype=object)
+
+    def counts(n_pair, n_examples, shard):
+        pairs = sp.csr_matrix((np.array([n_pair], np.int32), np.array([1]), np.array([0, 1, 1])), shape=(2, 2))
+        return Counts(labels, np.array([n_pair, n_pair]), pairs, n_examples, {shard: {}})
+
+    small = counts(3, 4, "x").merge(counts(2, 5, "y"), sorted_union=True)
+    assert small.pairs.dtype == np.int32 and small.pairs[0, 1] == 5
+    big = counts(2**31 - 2, 2**31 - 2, "x").merge(counts(2, 2, "y"), sorted_union=True)
+    assert big.pairs.dtype == np.int64 and big.pairs[0, 1] == 2**31
+    assert Counts.sum([counts(3, 4, "x"), counts(2, 5, "y")]).pairs.dtype == np.int64
+
+
 def test_save_load_round_trip(bibtex_dir, tmp_path):
     counts = count_shards(discover_shards([bibtex_dir])).counts
     loaded = Counts.load(counts.save(tmp_path / "counts.npz"))
@@ -242,14 +260,16 @@ def test_a_bad_shard_costs_its_batch_nothing(eurlex_dir, tmp_path, dask_clients)
 
 def test_a_batch_lets_go_of_each_shard_once_copied(eurlex_dir, tmp_path):
     """count_batch hands its shards over to be counted: each is dropped once its codes are in the batch's, so no
-    shard's codes are held twice. counts_from_batch counts the same and leaves the caller's list alone."""
-    anns = [read_annotations(p) for p in resplit(discover_shards([eurlex_dir]), tmp_path, 4)]
+    shard's codes are held twice. Shards as read (labels not yet sorted) count the same as shards in their own
+    sorted vocabularies; counts_from_batch leaves the caller's list alone."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 4)
+    anns = [read_annotations(p) for p in paths]
     given = list(anns)
     expected = cooccurrence.counts_from_batch(anns)
     assert len(anns) == len(given) and all(a is b for a, b in zip(anns, given, strict=True))
-    handed_over = list(anns)
+    handed_over = [read_shard_codes(p) for p in paths]
     assert cooccurrence._count_consumed(handed_over).equals(expected) and handed_over == []
-    assert_matches_reference(expected.sorted(), [a.path for a in anns])
+    assert_matches_reference(expected.sorted(), paths)
 
 
 def test_the_same_shard_twice_in_a_batch_is_refused(bibtex_dir, tmp_path):

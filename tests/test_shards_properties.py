@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmi_pipeline.cooccurrence import counts_from_annotations
+from pmi_pipeline.cooccurrence import count_batch, counts_from_batch
 from pmi_pipeline.errors import ShardError
 from pmi_pipeline.shards import read_annotations
 
@@ -50,28 +50,83 @@ layouts = st.fixed_dictionaries(
 )
 
 
-@SETTINGS
-@given(rows=examples, long_form=st.booleans(), layout=layouts, arrow_dictionary=st.booleans())
-def test_counts_equal_reference_for_any_valid_shard(tmp_path, rows, long_form, layout, arrow_dictionary):
-    path = tmp_path / "shard.parquet"
+def write_shard(path, rows, long_form, layout, arrow_dictionary, confidence=None):
+    """Write ``rows`` as a long or list shard; ``confidence`` (one per label value, or per row in list form)."""
     if long_form:
         pairs = [(example_id, label) for example_id, labels in rows for label in labels]
-        ids, labels = [p[0] for p in pairs], pa.array([p[1] for p in pairs])
+        ids, labels = [p[0] for p in pairs], pa.array([p[1] for p in pairs], pa.string())
         if arrow_dictionary:  # a dictionary that repeats every value, as some writers leave it
             labels = pa.DictionaryArray.from_arrays(
                 pa.array(range(0, 2 * len(labels), 2)), labels.take(pa.array([i // 2 for i in range(2 * len(labels))]))
             )
-        table = pa.table({"example_id": ids, "label": labels})
+        columns = {"example_id": ids, "label": labels}
     else:
-        table = pa.table({"example_id": [r[0] for r in rows], "labels": [r[1] for r in rows]})
-    pq.write_table(table, path, **layout)
-    counts = counts_from_annotations(read_annotations(path))
+        columns = {"example_id": [r[0] for r in rows], "labels": [r[1] for r in rows]}
+    if confidence is not None:
+        columns["confidence"] = confidence
+    pq.write_table(pa.table(columns), path, **layout)
+
+
+def counted(paths, how):
+    """Counts of shards: each read in its own sorted vocabulary (``read_annotations``), or as one batch
+    (``count_batch``: the labels of the batch sorted once)."""
+    if how == "annotations":
+        return counts_from_batch([read_annotations(path) for path in paths])
+    counts, outcomes = count_batch(paths)
+    assert not [o for o in outcomes if isinstance(o, ShardError)]
+    return counts
+
+
+def assert_counts(counts, rows):
     n, label_counts, pair_counts = reference(rows)
     assert counts.n_examples == n
     assert dict(zip(counts.labels.tolist(), counts.label_counts.tolist(), strict=True)) == label_counts
     coo = counts.pairs.tocoo()
     got = {(counts.labels[i], counts.labels[j]): int(v) for i, j, v in zip(coo.row, coo.col, coo.data, strict=True)}
     assert got == pair_counts
+
+
+@SETTINGS
+@given(rows=examples, long_form=st.booleans(), layout=layouts, arrow_dictionary=st.booleans())
+@pytest.mark.parametrize("how", ["annotations", "batch"])
+def test_counts_equal_reference_for_any_valid_shard(tmp_path, rows, long_form, layout, arrow_dictionary, how):
+    path = tmp_path / "shard.parquet"
+    write_shard(path, rows, long_form, layout, arrow_dictionary)
+    assert_counts(counted([path], how), rows)
+
+
+@SETTINGS
+@given(
+    rows=examples,
+    long_form=st.booleans(),
+    layout=layouts,
+    keep=st.lists(st.sampled_from([0.0, 0.25, 1.0]), min_size=240, max_size=240),
+)
+@pytest.mark.parametrize("how", ["annotations", "batch"])
+def test_two_shards_with_negatives_count_as_their_kept_rows(tmp_path, rows, long_form, layout, keep, how):
+    """Two shards (even and odd example ids) with explicit negatives (confidence 0, not counted), in one batch:
+    labels only negatives use, and examples with only negatives, must vanish."""
+    paths, kept = [], []
+    for parity in (0, 1):
+        part = [r for r in rows if r[0] % 2 == parity]
+        if not part:
+            continue
+        n_values = sum(len(labels) for _, labels in part) if long_form else len(part)
+        confidence = keep[:n_values]
+        values = iter(confidence)
+        kept_part = (
+            [(i, [label for label in labels if next(values) > 0]) for i, labels in part]
+            if long_form
+            else [(i, labels) for (i, labels), c in zip(part, confidence, strict=True) if c > 0]
+        )
+        kept += [(i, labels) for i, labels in kept_part if labels]
+        if not kept_part or not any(labels for _, labels in kept_part):
+            continue  # a shard of negatives only: nothing to count, nothing to check
+        path = tmp_path / f"shard-{parity}.parquet"
+        write_shard(path, part, long_form, layout, False, confidence)
+        paths.append(path)
+    if paths:
+        assert_counts(counted(paths, how), kept)
 
 
 @SETTINGS

@@ -404,7 +404,6 @@ def _dictionary_codes(path: Path, labels: pa.ChunkedArray | pa.Array) -> tuple[n
     usual shard) hands over Arrow's own indices, uncopied."""
     chunks = labels.chunks if isinstance(labels, pa.ChunkedArray) else [labels]
     codes, dictionaries, offset = [], [], 0
-    dtype = _code_dtype(sum(len(chunk) for chunk in chunks))
     for chunk in chunks:
         if not pa.types.is_dictionary(chunk.type):
             chunk = pc.dictionary_encode(chunk)
@@ -419,12 +418,12 @@ def _dictionary_codes(path: Path, labels: pa.ChunkedArray | pa.Array) -> tuple[n
         valid = index >= 0
         if dictionary.null_count:
             valid &= dictionary.is_valid().to_numpy(zero_copy_only=False)[np.maximum(index, 0)]
-        codes.append(np.where(valid, index.astype(dtype) + offset, -1).astype(dtype))
+        codes.append(np.where(valid, index.astype(np.int64) + offset, -1))
         dictionaries.append(dictionary)
         offset += len(dictionary)
     if not dictionaries:
         return np.empty(0, np.int32), pa.array([], pa.large_string())
-    return np.concatenate(codes), pa.concat_arrays(dictionaries)
+    return np.concatenate(codes).astype(_code_dtype(offset)), pa.concat_arrays(dictionaries)
 
 
 def _sorted_codes(codes: np.ndarray, dictionary: pa.Array) -> tuple[np.ndarray, pa.Array]:

@@ -36,6 +36,7 @@ from pmi_pipeline.shards import (
     Annotations,
     ShardCodes,
     distinct_pairs,
+    index_dtype,
     read_annotations,
     read_shard_codes,
 )
@@ -146,9 +147,7 @@ class Counts:
         """The same counts with int64 pair counts (sharing the index arrays): what callers of a count receive."""
         if self.pairs.dtype == np.int64:
             return self
-        pairs = sp.csr_matrix(
-            (self.pairs.data.astype(np.int64), self.pairs.indices, self.pairs.indptr), shape=self.pairs.shape
-        )
+        pairs = _with_count_type(self.pairs, np.int64)
         return Counts(self.labels, self.label_counts, pairs, self.n_examples, self.manifest)
 
     @staticmethod
@@ -242,7 +241,7 @@ def _remap_monotone(pairs: sp.csr_matrix, position: np.ndarray, m: int) -> sp.cs
     """Move rows and columns to increasing new positions: the CSR structure carries over without a sort."""
     pairs = pairs.tocsr()
     pairs.sum_duplicates()
-    dtype = _index_dtype(m, pairs.nnz)
+    dtype = index_dtype(m, pairs.nnz)
     indptr = np.zeros(m + 1, dtype=dtype)
     indptr[position + 1] = np.diff(pairs.indptr)
     np.cumsum(indptr, out=indptr)
@@ -251,13 +250,14 @@ def _remap_monotone(pairs: sp.csr_matrix, position: np.ndarray, m: int) -> sp.cs
 
 def _count_dtype(n_examples: int) -> type:
     """int32 pair counts while they cannot overflow: a pair is counted at most once per example."""
-    return np.int32 if n_examples < 2**31 - 1 else np.int64
+    return index_dtype(n_examples)
 
 
-def _index_dtype(*sizes: int) -> type:
-    """int32 indices while every size fits: 12 bytes per stored pair instead of 16 in every merge, 4 bytes per
-    code or position instead of 8 when counting."""
-    return np.int32 if max(sizes, default=0) < 2**31 - 1 else np.int64
+def _with_count_type(pairs: sp.csr_matrix, dtype: type) -> sp.csr_matrix:
+    """``pairs`` with counts of ``dtype``, sharing the index arrays (no copy if they already are)."""
+    if pairs.dtype == dtype:
+        return pairs
+    return sp.csr_matrix((pairs.data.astype(dtype), pairs.indices, pairs.indptr), shape=pairs.shape)
 
 
 def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> sp.csr_matrix:
@@ -294,7 +294,7 @@ def upper_pair_counts(
     """
     if not example_codes.size or m < 2:
         return sp.csr_matrix((m, m), dtype=np.int64)
-    index = _index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes less each
+    index = index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes less each
     sizes = np.bincount(example_codes).astype(index)
     starts = np.cumsum(sizes, dtype=index) - sizes
     counter = _KeyCounter(m, block, max_count=sizes.size)
@@ -330,7 +330,7 @@ class _KeyCounter:
 
     def __init__(self, m: int, block: int, max_count: int = 2**63 - 1):
         self.m = m
-        self.dtype = _index_dtype(m * m)
+        self.dtype = index_dtype(m * m)
         self.dense = m * m <= DENSE_CELLS
         # a pair is counted at most once per example (max_count of them): int32 cells where that fits, half the memory
         self.counts = _count_dtype(max_count)
@@ -366,9 +366,7 @@ class _KeyCounter:
         self.add_matrix(_keys_to_csr(distinct.astype(np.int64, copy=False), counts, self.m))
 
     def add_matrix(self, pairs: sp.csr_matrix) -> None:
-        if pairs.dtype != self.counts:
-            pairs = sp.csr_matrix((pairs.data.astype(self.counts), pairs.indices, pairs.indptr), shape=pairs.shape)
-        self.parts.append(pairs)
+        self.parts.append(_with_count_type(pairs, self.counts))
 
     def result(self) -> sp.csr_matrix:
         self._flush()
@@ -391,7 +389,7 @@ def _distinct_counts(sorted_keys: np.ndarray, dtype: type = np.int64) -> tuple[n
 
 def _keys_to_csr(keys: np.ndarray, counts: np.ndarray, m: int) -> sp.csr_matrix:
     """CSR of sorted distinct keys ``a * m + b`` and their counts."""
-    dtype = _index_dtype(m, keys.size)
+    dtype = index_dtype(m, keys.size)
     indptr = np.zeros(m + 1, dtype)
     np.cumsum(np.bincount(keys // m, minlength=m), out=indptr[1:])
     return sp.csr_matrix((counts, (keys % m).astype(dtype), indptr), shape=(m, m))
@@ -410,7 +408,7 @@ def _general_pair_counts(
     nnz = example_codes.size
     if not nnz:
         return sp.csr_matrix((m, m), dtype=np.int64)
-    idx = _index_dtype(nnz)
+    idx = index_dtype(nnz)
     ends = np.cumsum(np.bincount(example_codes))
     after = (ends[example_codes] - np.arange(1, nnz + 1)).astype(idx)  # labels after this one in its example
     del ends
@@ -441,7 +439,7 @@ def _count_keys(
     About 20 bytes per pair in the arrays it allocates (48 before): positions in int32, and the second annotation
     of each pair built by a running sum (``first + 1 .. first + after``) rather than from arrays of offsets.
     """
-    idx = _index_dtype(labels.size)
+    idx = index_dtype(labels.size)
     first = np.arange(labels.size, dtype=idx) if first is None else first
     repeats = after[first]
     first, repeats = first[repeats > 0], repeats[repeats > 0]
@@ -500,7 +498,7 @@ def _count_consumed(shards: list[ShardCodes]) -> Counts:
     labels, positions = _sorted_union_many([s.dictionary.take(pa.array(u)) for s, u in zip(shards, used, strict=True)])
     m = labels.size
     offsets = np.cumsum([0, *(s.n_examples for s in shards)]).tolist()
-    idx = _index_dtype(offsets[-1], m)  # int32 codes where they fit
+    idx = index_dtype(offsets[-1], m)  # int32 codes where they fit
     total = sum(s.entry_codes.size for s in shards)  # before repeated pairs are dropped
     example_codes, label_codes = np.empty(total, idx), np.empty(total, idx)
     manifest = {}
@@ -938,8 +936,8 @@ class _Tiles:
         cuts = self.cuts.result()
         first = self.tiles[0].result()
         labels, m, n = first.labels, first.n_labels, sum(sizes)
-        data, indices = np.empty(n, np.int64), np.empty(n, _index_dtype(m, n))
-        indptr = np.zeros(m + 1, _index_dtype(m, n))
+        data, indices = np.empty(n, np.int64), np.empty(n, index_dtype(m, n))
+        indptr = np.zeros(m + 1, index_dtype(m, n))
         label_counts, n_examples, manifest = np.zeros(m, np.int64), 0, {}
         at = 0
         for r in range(len(self.tiles)):

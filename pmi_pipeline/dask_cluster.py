@@ -42,6 +42,10 @@ def dask_client(
     processes on other machines) or a scheduler file path. Otherwise a LocalCluster with one single-threaded worker
     process per core: counting is Python + pyarrow + scipy, which holds the GIL often enough that processes beat
     threads. ``processes=False`` keeps workers in this process (needed where forking is unwelcome).
+
+    The client is not made Dask's default scheduler: the library passes it wherever it computes. A default
+    client would outlive a failed connection (Dask registers it before connecting), and every later ``compute()``
+    in the process would go to a scheduler that is not there and wait forever.
     """
     if scheduler:
         if os.path.isfile(scheduler):
@@ -51,7 +55,7 @@ def dask_client(
         else:
             kwargs = {"address": scheduler}
         try:
-            client = Client(**kwargs, timeout="30s")
+            client = Client(**kwargs, timeout="30s", set_as_default=False)
         except (OSError, ValueError) as exc:  # unreachable (OSError, TimeoutError) or not an address
             raise PipelineError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from exc
         log.info("connected to Dask scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
@@ -71,7 +75,7 @@ def dask_client(
             memory_limit=memory_limit,
             silence_logs=logging.CRITICAL,  # task errors reach the client as exceptions; the rest is shutdown noise
         )
-        client = Client(cluster)
+        client = Client(cluster, set_as_default=False)
         log.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
         try:
             yield client

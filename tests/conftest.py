@@ -17,6 +17,8 @@ Add fixtures below in their own section.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,4 +113,44 @@ def dask_clients():
     from pmi_pipeline.dask_cluster import dask_client
 
     with dask_client(n_workers=1) as one, dask_client(n_workers=2) as two:
-        yield {1: one, 2: two}
+        _SESSION_CLIENTS.update({1: one, 2: two})
+        try:
+            yield {1: one, 2: two}
+        finally:
+            _SESSION_CLIENTS.clear()
+
+
+# --- a test that hangs -------------------------------------------------------------------------------------------
+
+#: The session's Dask clients, whose state is printed when a test nears its timeout (pyproject's ``timeout``).
+_SESSION_CLIENTS: dict = {}
+_HANG_REPORT_MARGIN_S = 20
+
+
+def _report_dask_state() -> None:
+    """What the session's clusters are doing: the tasks each worker is processing, and the stacks of the ones
+    running. pytest-timeout prints this process's threads; a task stuck in a worker process shows only here."""
+    for n, client in list(_SESSION_CLIENTS.items()):
+        try:
+            processing = {w: [str(k) for k in keys] for w, keys in client.processing().items()}
+            print(f"--- {n}-worker cluster, tasks processing: {processing}", file=sys.stderr)
+            for worker, stacks in client.call_stack().items():
+                for key, frames in stacks.items():
+                    print(f"--- {worker} is running {key}:\n{''.join(frames)}", file=sys.stderr)
+        except Exception as exc:  # a report, never a second failure
+            print(f"--- {n}-worker cluster: no state ({exc!r})", file=sys.stderr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    timeout = float(item.config.getini("timeout") or 0)
+    timer = None
+    if timeout > _HANG_REPORT_MARGIN_S and _SESSION_CLIENTS:
+        timer = threading.Timer(timeout - _HANG_REPORT_MARGIN_S, _report_dask_state)
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()

@@ -9,6 +9,7 @@ the worker processes, and the results are compared with an in-process run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client, get_task_stream
@@ -279,10 +281,18 @@ def test_two_runs_at_once_on_one_cluster_count_their_own_shards(cluster, bibtex_
     ],
 )
 def test_a_bad_scheduler_is_a_one_line_error(scheduler, message, bibtex_dir, tmp_path, capsys):
+    """And it leaves Dask's default scheduler as it was: a client that failed to connect is not left behind as
+    the scheduler of every later ``compute()`` in the process (which would wait on it forever)."""
     from pmi_pipeline.cli import main
 
     argv = ["embed", str(bibtex_dir), "--store", str(tmp_path / "s"), "--scheduler", scheduler, "-q"]
-    assert main(argv) == 2
+    before = dask.base.get_scheduler()
+    gc.disable()  # the failed client lives in reference cycles: keep it alive, as a busy process may for a while
+    try:
+        assert main(argv) == 2
+        assert dask.base.get_scheduler() == before
+    finally:
+        gc.enable()
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not EmbeddingStore(tmp_path / "s").exists()

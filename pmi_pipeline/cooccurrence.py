@@ -731,7 +731,7 @@ def count_shards(
         ]
         batch_of = {f.key: batches[b] for b, f in enumerate(futures)}
         outcome_of: dict[str, range] = {}
-        pending = as_completed(futures)
+        pending = as_completed(futures, loop=client.loop)  # not Dask's default client's loop: there may be none
         for future in pending:
             error = future.exception()
             if error is not None:

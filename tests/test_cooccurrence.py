@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 import numpy as np
@@ -118,6 +119,25 @@ def test_dask_counts_equal_in_process_counts(workers, dask_clients, eurlex_dir):
     assert distributed.labels.tolist() == local.labels.tolist()
     assert distributed.equals(local) and distributed.manifest == local.manifest
     assert seen[-1] == (len(paths), len(paths))
+
+
+@pytest.mark.timeout(120)
+def test_counting_waits_on_its_own_client_not_dasks_default(dask_clients, eurlex_dir):
+    """Counting on a client while Dask's default client is one that never connected (Dask registers a client as
+    the default before it connects, and a failed one stays so until collected). Dask's ``as_completed`` waits on
+    the default client's event loop unless told otherwise: that idle loop missed the futures finishing, and the
+    count waited forever (a CI run hung so)."""
+    from distributed import Client
+
+    paths = discover_shards([eurlex_dir])
+    with pytest.raises(ValueError):
+        Client("tcp://127.0.0.1:notaport", timeout="5s")
+    gc.disable()  # keep the failed client alive, as a busy process may for a while
+    try:
+        counts = count_shards(paths, dask_clients[2]).counts
+    finally:
+        gc.enable()
+    assert counts.equals(count_shards(paths).counts)
 
 
 def test_partial_sums_stay_on_the_worker_that_made_them(eurlex_dir, tmp_path):

@@ -278,50 +278,79 @@ SMALL_EXAMPLE = 32
 #: Pair matrices of up to this many cells (``m * m``; 8 bytes each) are counted with a histogram rather than by
 #: sorting keys: twice as fast where labels are few.
 DENSE_CELLS = 1 << 22
+#: Keys counted at once into the histogram: ``np.bincount`` costs a pass over the ``m * m`` cells per call, but
+#: also an int64 copy of the keys and an int64 histogram of its own, so a smaller block than :data:`PAIR_BLOCK`
+#: keeps a count task's working memory down (docs/performance.md, eighth pass).
+DENSE_BLOCK = 1 << 19
 
 
 def upper_pair_counts(
     example_codes: np.ndarray, label_codes: np.ndarray, m: int, *, block: int = PAIR_BLOCK
 ) -> sp.csr_matrix:
     """Strict upper triangle of ``Y.T @ Y`` for a binary ``Y`` given as distinct (example, label) codes sorted by
-    example, then label.
-
-    Each example's label pairs (a < b) are enumerated directly and counted by their keys ``a * m + b``: half the
-    work of the symmetric sparse product, with no diagonal to drop (docs/performance.md). Examples are taken
-    by size: the examples of ``L`` labels form an ``L x n`` matrix of label codes, and the keys of their pairs at
-    positions (i, j) are one vector operation on rows i and j, with no index arithmetic per pair. Keys are
-    counted ``block`` at a time.
-    """
+    example, then label (:class:`PairCounter`, fed once)."""
     if not example_codes.size or m < 2:
         return sp.csr_matrix((m, m), dtype=np.int64)
-    index = index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes less each
-    sizes = np.bincount(example_codes).astype(index)
-    starts = np.cumsum(sizes, dtype=index) - sizes
-    counter = _KeyCounter(m, block, max_count=sizes.size)
-    size_class = np.minimum(sizes, SMALL_EXAMPLE + 1).astype(np.uint8)
-    by_size = np.argsort(size_class, kind="stable").astype(index)  # a radix sort, for 8-bit values
-    bounds = np.searchsorted(size_class[by_size], np.arange(SMALL_EXAMPLE + 2))
-    for size in range(2, SMALL_EXAMPLE + 1):
-        examples = by_size[bounds[size] : bounds[size + 1]]
-        per_example = size * (size - 1) // 2
-        step = max(1, block // per_example)
-        for c in range(0, examples.size, step):
-            first = starts[examples[c : c + step]]
-            n = first.size
-            labels = np.empty((size, n), counter.dtype)  # row i: the i-th label of each example
-            for i in range(size):
-                labels[i] = label_codes[first + i]
-            scaled = labels * counter.dtype(m)
-            keys = counter.reserve(per_example * n)
-            at = 0
-            for i in range(size - 1):
-                for j in range(i + 1, size):
-                    np.add(scaled[i], labels[j], out=keys[at : at + n])
-                    at += n
-    if bounds[SMALL_EXAMPLE + 1] < by_size.size:  # some examples have more labels than that
-        large = (sizes > SMALL_EXAMPLE)[example_codes]
-        counter.add_matrix(_general_pair_counts(example_codes[large], label_codes[large], m, block=block))
+    counter = PairCounter(m, max_examples=int(example_codes.max()) + 1, block=block)
+    counter.add(example_codes, label_codes)
     return counter.result()
+
+
+class PairCounter:
+    """Strict upper triangle of ``Y.T @ Y``, summed over parts of the examples given one after another.
+
+    A count task feeds it one shard at a time, so that its working memory is one shard's arrays and the counter's,
+    not the whole batch's (docs/performance.md, eighth pass). Each example's label pairs (a < b) are enumerated
+    directly and counted by their keys ``a * m + b``: half the work of the symmetric sparse product, with no
+    diagonal to drop. Examples are taken by size: the examples of ``L`` labels form an ``L x n`` matrix of label
+    codes, and the keys of their pairs at positions (i, j) are one vector operation on rows i and j, with no index
+    arithmetic per pair. Keys are counted ``block`` at a time. ``max_examples`` bounds the examples of all parts
+    together: pair counts are int32 while it is below 2^31.
+    """
+
+    def __init__(self, m: int, *, max_examples: int, block: int = PAIR_BLOCK):
+        self.m = m
+        self._keys = _KeyCounter(m, block, max_count=max_examples)
+
+    def add(self, example_codes: np.ndarray, label_codes: np.ndarray) -> None:
+        """Count the pairs of examples given as distinct (example, label) codes sorted by example, then label (an
+        example's codes all in this call)."""
+        m, counter = self.m, self._keys
+        if not example_codes.size or m < 2:
+            return
+        block = counter.block
+        index = index_dtype(example_codes.size)  # per-example bookkeeping in int32 where it fits: 12 bytes less each
+        sizes = np.bincount(example_codes).astype(index)
+        starts = np.cumsum(sizes, dtype=index) - sizes
+        size_class = np.minimum(sizes, SMALL_EXAMPLE + 1).astype(np.uint8)
+        by_size = np.argsort(size_class, kind="stable").astype(index)  # a radix sort, for 8-bit values
+        bounds = np.searchsorted(size_class[by_size], np.arange(SMALL_EXAMPLE + 2))
+        for size in range(2, SMALL_EXAMPLE + 1):
+            examples = by_size[bounds[size] : bounds[size + 1]]
+            per_example = size * (size - 1) // 2
+            step = max(1, block // per_example)
+            for c in range(0, examples.size, step):
+                first = starts[examples[c : c + step]]
+                n = first.size
+                labels = np.empty((size, n), counter.dtype)  # row i: the i-th label of each example
+                for i in range(size):
+                    labels[i] = label_codes[first + i]
+                scaled = labels * counter.dtype(m)
+                keys = counter.reserve(per_example * n)
+                at = 0
+                for i in range(size - 1):
+                    for j in range(i + 1, size):
+                        np.add(scaled[i], labels[j], out=keys[at : at + n])
+                        at += n
+        if bounds[SMALL_EXAMPLE + 1] < by_size.size:  # some examples have more labels than that
+            large = (sizes > SMALL_EXAMPLE)[example_codes]
+            counter.add_matrix(_general_pair_counts(example_codes[large], label_codes[large], m, block=block))
+
+    def result(self) -> sp.csr_matrix:
+        """The pair counts of every part added (int32 while ``max_examples`` allows it, else int64)."""
+        if self.m < 2:
+            return sp.csr_matrix((self.m, self.m), dtype=np.int64)
+        return self._keys.result()
 
 
 class _KeyCounter:
@@ -336,7 +365,7 @@ class _KeyCounter:
         self.counts = _count_dtype(max_count)
         self.histogram = np.zeros(m * m if self.dense else 0, self.counts)
         self.buffer = np.empty(0, self.dtype)
-        self.block = block
+        self.block = min(block, DENSE_BLOCK) if self.dense else block
         self.filled = 0
         self.parts: list[sp.csr_matrix] = []
 
@@ -486,9 +515,10 @@ def _count_consumed(shards: list[ShardCodes]) -> Counts:
     """:func:`counts_from_batch` for shards as read (:func:`~pmi_pipeline.shards.read_shard_codes`): the labels
     the batch uses are sorted once for the whole batch, not once per shard and then again to unite them (count
     tasks of 10^8 annotations over 10^5 labels took 29.5 s in one process, against 35.9 s so; docs/performance.md,
-    seventh pass), and each shard's codes are written straight into the batch's arrays. Empties ``shards`` as it
-    goes, so that a caller who hands over its only references never holds a shard's codes twice while the batch
-    is counted."""
+    seventh pass). Then each shard is mapped into that vocabulary and counted into the batch's counter on its
+    own, so that a task holds one shard's mapped codes at a time, not the whole batch's (docs/performance.md,
+    eighth pass). Empties ``shards`` as it goes, so that a caller who hands over its only references frees each
+    shard once it is counted."""
     if not shards:
         return Counts.empty()
     digests = [s.sha256 for s in shards]
@@ -497,36 +527,28 @@ def _count_consumed(shards: list[ShardCodes]) -> Counts:
     used = [np.flatnonzero(np.bincount(s.entry_codes, minlength=len(s.dictionary))) for s in shards]
     labels, positions = _sorted_union_many([s.dictionary.take(pa.array(u)) for s, u in zip(shards, used, strict=True)])
     m = labels.size
-    offsets = np.cumsum([0, *(s.n_examples for s in shards)]).tolist()
-    idx = index_dtype(offsets[-1], m)  # int32 codes where they fit
-    total = sum(s.entry_codes.size for s in shards)  # before repeated pairs are dropped
-    example_codes, label_codes = np.empty(total, idx), np.empty(total, idx)
+    n_examples = sum(s.n_examples for s in shards)
+    idx = index_dtype(m)
+    label_counts = np.zeros(m, np.int64)
+    counter = PairCounter(m, max_examples=n_examples)
     manifest = {}
-    at = 0
-    for u, position, offset in zip(used, positions, offsets[:-1], strict=True):
+    for u, position in zip(used, positions, strict=True):
         shard = shards.pop(0)
         rank = np.zeros(len(shard.dictionary), idx)
         rank[u] = position
-        end = at + shard.entry_codes.size
-        examples, codes = example_codes[at:end], label_codes[at:end]
-        np.take(rank, shard.entry_codes, out=codes)
-        np.add(shard.example_codes, offset, out=examples, casting="same_kind")
-        kept_examples, kept_codes = distinct_pairs(examples, codes, m)
-        if kept_codes is not codes:  # repeats dropped, or pairs out of order: sorted into place
-            end = at + kept_codes.size
-            example_codes[at:end], label_codes[at:end] = kept_examples, kept_codes
+        # Pairs are within an example, so each shard is counted on its own codes, into the batch's vocabulary.
+        examples, codes = distinct_pairs(shard.example_codes, rank[shard.entry_codes], m)
+        label_counts += np.bincount(codes, minlength=m)
+        counter.add(examples, codes)
         manifest[shard.sha256] = {
             "path": str(shard.path),
             "n_examples": shard.n_examples,
-            "n_annotations": end - at,
+            "n_annotations": int(codes.size),
             "n_rows": shard.n_rows,
         }
-        at = end
-        del shard, examples, codes, kept_examples, kept_codes
-    example_codes, label_codes = example_codes[:at], label_codes[:at]
-    label_counts = np.bincount(label_codes, minlength=m).astype(np.int64)
-    pairs = upper_pair_counts(example_codes, label_codes, m)
-    return Counts(labels, label_counts, pairs, offsets[-1], manifest)
+        del shard, examples, codes
+    pairs = counter.result()
+    return Counts(labels, label_counts, pairs, n_examples, manifest)
 
 
 def count_shard(path: str | Path, expected_sha256: str | None = None) -> Counts:

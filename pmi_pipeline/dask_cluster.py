@@ -17,8 +17,20 @@ log = logging.getLogger(__name__)
 #: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's mmap threshold at
 #: 128 KiB: every large numpy temporary is then a fresh mmap, page-faulted in and unmapped again. Counting took
 #: 1.16x as long so (bench/worker_malloc.py). Up to 32 MiB, allocations now come from the heap and are reused.
-#: For workers started by ``dask worker``, set the same in their environment (docs/scale-out.md).
-WORKER_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 << 20}
+#: The trim threshold goes up to 32 MiB too: at 64 KiB, glibc gave back the top of the heap at nearly every
+#: free, and the next shard's arrays page-faulted it in again (count tasks 1.3x as long in one process,
+#: docs/performance.md, eighth pass). A count task still hands its freed heap back once per batch
+#: (``cooccurrence._release_free_heap``). For workers started by ``dask worker``, set the same in their
+#: environment (docs/scale-out.md).
+WORKER_MALLOC = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 << 20,
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 32 << 20,
+}
+#: pyarrow's default allocator (mimalloc) keeps the pages a count task's Parquet reads freed, for reuse: a worker
+#: counting 10^8 annotations over 10^3 labels peaked at 257-267 MiB with it and 228-232 MiB with glibc's, at
+#: the same speed (bench/batch_bytes.py; docs/performance.md, eighth pass). For workers started by ``dask
+#: worker``, set ``ARROW_DEFAULT_MEMORY_POOL=system`` in their environment (docs/scale-out.md).
+WORKER_ARROW_POOL = {"distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "system"}
 #: Dask's workers sample the stack of the running task every 10 ms for the dashboard's profile page; each sample
 #: takes the GIL from the task. Counting 10^8 annotations on 2 workers took 22.5 s with it and 19.0 s without
 #: (medians of 6 interleaved runs, bench/count_ab.py; docs/performance.md, sixth pass). The profile page stays
@@ -66,7 +78,7 @@ def dask_client(
         return
     n_workers = n_workers or os.cpu_count() or 1
     # Kept until the cluster closes, for workers the nanny restarts too; and undone if the cluster fails to start.
-    with dask.config.set({**WORKER_MALLOC, **WORKER_PROFILE}):
+    with dask.config.set({**WORKER_MALLOC, **WORKER_ARROW_POOL, **WORKER_PROFILE}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

@@ -315,17 +315,32 @@ def test_batches_are_consecutive_capped_and_enough_for_every_worker(sizes, slots
             assert sum(sizes[i] for i in b) + sizes[nxt[0]] > target
 
 
-def test_local_workers_get_the_malloc_setting(dask_clients):
-    """Workers of our LocalCluster allocate large arrays from the heap (dask_cluster.WORKER_MALLOC): without it,
-    Dask's nanny setting made counting 1.16x slower (bench/worker_malloc.py)."""
+@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
+def test_local_workers_get_the_malloc_settings(dask_clients, name):
+    """Workers of our LocalCluster allocate large arrays from the heap and keep what they free for the next shard
+    (dask_cluster.WORKER_MALLOC): with Dask's nanny settings, counting was 1.16x slower (bench/worker_malloc.py),
+    and count tasks 1.3x slower again (docs/performance.md, eighth pass)."""
     import os
 
     from pmi_pipeline.dask_cluster import WORKER_MALLOC
 
-    (value,) = WORKER_MALLOC.values()
+    value = WORKER_MALLOC[f"distributed.nanny.pre-spawn-environ.{name}"]
     for client in dask_clients.values():
-        seen = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+        seen = client.run(lambda: os.environ.get(name))
         assert set(seen.values()) == {str(value)}
+
+
+def test_local_workers_read_parquet_with_the_system_allocator(dask_clients):
+    """Workers of our LocalCluster give Arrow's buffers back to glibc (dask_cluster.WORKER_ARROW_POOL): with
+    pyarrow's mimalloc a counting worker peaked about 30 MiB higher (docs/performance.md, eighth pass)."""
+
+    def backend() -> str:
+        import pyarrow
+
+        return pyarrow.default_memory_pool().backend_name
+
+    for client in dask_clients.values():
+        assert set(client.run(backend).values()) == {"system"}
 
 
 def test_local_workers_do_not_profile(dask_clients):

@@ -3,8 +3,9 @@
 Reports the peak RSS above the process's RSS just before the call (imports done, one shard read to warm up), which
 is what a worker adds while it counts a batch, and, from a second call under ``tracemalloc``, the peak of what
 numpy and Python hold allocated at once (the RSS also carries what the heap keeps after frees). Workers run with
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=65536`` (pmi_pipeline.dask_cluster); set them to measure as
-a worker would. Run it against another checkout to compare versions::
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=33554432 ARROW_DEFAULT_MEMORY_POOL=system``
+(pmi_pipeline.dask_cluster); set them to measure as a worker would. Run it against another checkout to compare
+versions::
 
     python bench/batch_memory.py --labels 1000
     PYTHONPATH=/path/to/older/checkout python bench/batch_memory.py --labels 1000

@@ -611,7 +611,8 @@ _LIBC: Any = None
 
 #: Parquet bytes one count task reads at most: the shards of a batch share one vocabulary and one pass over their
 #: pairs, so the costs of a task and of a merge are paid per batch, not per shard. Bounds a task's working
-#: memory (measured: about 130 MiB for 8 synthetic shards, 2 million annotations in all, bench/batch_memory.py).
+#: memory (measured for 9 synthetic shards, 2.2 million annotations in all: 40 MiB added to the RSS at 10^3
+#: labels, 126 MiB at 10^5; bench/batch_memory.py, docs/performance.md, eighth pass).
 BATCH_BYTES = 4 << 20
 #: Batches per worker thread at least, while there are shards enough, so that every worker stays busy to the end.
 BATCHES_PER_SLOT = 4

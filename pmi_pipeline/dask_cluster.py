@@ -18,18 +18,18 @@ log = logging.getLogger(__name__)
 #: 128 KiB: every large numpy temporary is then a fresh mmap, page-faulted in and unmapped again. Counting took
 #: 1.16x as long so (bench/worker_malloc.py). Up to 32 MiB, allocations now come from the heap and are reused.
 #: The trim threshold goes up to 32 MiB too: at 64 KiB, glibc gave back the top of the heap at nearly every
-#: free, and the next shard's arrays page-faulted it in again (count tasks 1.3x as long in one process,
-#: docs/performance.md, eighth pass). A count task still hands its freed heap back once per batch
-#: (``cooccurrence._release_free_heap``). For workers started by ``dask worker``, set the same in their
-#: environment (docs/scale-out.md).
+#: free, and the next shard's arrays page-faulted it in again: 2-worker counts of 10^8 annotations over 10^3
+#: labels took 4.56 s against 3.69 s (medians, bench/count_ab.py; no difference at 10^5 labels; docs/performance.md,
+#: eighth pass). A count task still hands its freed heap back once per batch (``cooccurrence._release_free_heap``).
+#: For workers started by ``dask worker``, set the same in their environment (docs/scale-out.md).
 WORKER_MALLOC = {
     "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 << 20,
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 32 << 20,
 }
 #: pyarrow's default allocator (mimalloc) keeps the pages a count task's Parquet reads freed, for reuse: a worker
-#: counting 10^8 annotations over 10^3 labels peaked at 257-267 MiB with it and 228-232 MiB with glibc's, at
-#: the same speed (bench/batch_bytes.py; docs/performance.md, eighth pass). For workers started by ``dask
-#: worker``, set ``ARROW_DEFAULT_MEMORY_POOL=system`` in their environment (docs/scale-out.md).
+#: counting 10^8 annotations over 10^3 labels peaked at 257-267 MiB with it and 228-232 MiB with glibc's
+#: (bench/batch_bytes.py; docs/performance.md, eighth pass). For workers started by ``dask worker``, set
+#: ``ARROW_DEFAULT_MEMORY_POOL=system`` in their environment (docs/scale-out.md).
 WORKER_ARROW_POOL = {"distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "system"}
 #: Dask's workers sample the stack of the running task every 10 ms for the dashboard's profile page; each sample
 #: takes the GIL from the task. Counting 10^8 annotations on 2 workers took 22.5 s with it and 19.0 s without

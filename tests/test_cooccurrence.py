@@ -85,6 +85,25 @@ def test_pair_counts_equal_the_sparse_product_for_any_examples(monkeypatch, dens
     assert got.dtype == np.int32 and got.has_canonical_format and (got != expected).nnz == 0
 
 
+@pytest.mark.parametrize("dense_cells", [0, 1 << 30])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=examples(), block=st.sampled_from([3, 100, 1 << 21]), seed=st.integers(0, 2**32 - 1))
+def test_pair_counter_fed_shard_by_shard_equals_one_pass(monkeypatch, dense_cells, case, block, seed):
+    """A count task feeds its counter one shard at a time, each shard's examples numbered from 0: the sum over
+    parts cut at random example boundaries is the count of the whole."""
+    monkeypatch.setattr(cooccurrence, "DENSE_CELLS", dense_cells)
+    example_codes, label_codes, m = case
+    n = int(example_codes.max()) + 1
+    cuts = np.sort(np.random.default_rng(seed).choice(n + 1, min(n + 1, 4), replace=False))
+    counter = cooccurrence.PairCounter(m, max_examples=n, block=block)
+    for lo, hi in itertools.pairwise([0, *cuts.tolist(), n]):
+        part = (example_codes >= lo) & (example_codes < hi)
+        counter.add((example_codes[part] - lo).astype(np.int32), label_codes[part].astype(np.int32))
+    whole = upper_pair_counts(example_codes, label_codes, m, block=block)
+    got = counter.result()
+    assert got.has_canonical_format and (got != whole).nnz == 0
+
+
 def resplit(paths, out_dir, n_shards):
     """The same examples written as ``n_shards`` shards of unequal sizes."""
     ids, labels = [], []
@@ -319,7 +338,7 @@ def test_batches_are_consecutive_capped_and_enough_for_every_worker(sizes, slots
 def test_local_workers_get_the_malloc_settings(dask_clients, name):
     """Workers of our LocalCluster allocate large arrays from the heap and keep what they free for the next shard
     (dask_cluster.WORKER_MALLOC): with Dask's nanny settings, counting was 1.16x slower (bench/worker_malloc.py),
-    and count tasks 1.3x slower again (docs/performance.md, eighth pass)."""
+    and 2-worker counts at 10^3 labels 1.24x slower again (docs/performance.md, eighth pass)."""
     import os
 
     from pmi_pipeline.dask_cluster import WORKER_MALLOC

@@ -1,7 +1,9 @@
 """Where a 2-worker count's time goes, from Dask's task stream: compute seconds per worker and task kind, seconds
 spent moving task inputs between workers, CPU seconds per process, and how long the run went on after its last
 count task (the merges and the transfer of the result that cannot run in parallel), with each task span of that
-tail.
+tail. Then the same corpus is counted once in this process without Dask (``count_shards(paths, None)``), with
+the seconds inside its count tasks and its merges, for the same work done by one process alone: what the workers
+compute beyond that is what running side by side costs them.
 
     python bench/count_tasks.py /tmp/corpus          # a corpus written by `pmi-pipeline synth`
 
@@ -24,9 +26,35 @@ from common import write_result
 from distributed import get_task_stream
 
 import pmi_pipeline
+from pmi_pipeline import cooccurrence
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.dask_cluster import dask_client
 from pmi_pipeline.shards import discover_shards
+
+
+def in_process(paths: list[Path]) -> dict[str, float]:
+    """One count without Dask, timing what its count tasks and merges take (the functions wrapped meanwhile)."""
+    seconds = {"count_batch_s": 0.0, "merges_s": 0.0}
+    count_batch, merge_pair = cooccurrence.count_batch, cooccurrence._merge_pair
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[key] += time.perf_counter() - t
+
+        return wrapper
+
+    cooccurrence.count_batch = timed(count_batch, "count_batch_s")
+    cooccurrence._merge_pair = timed(merge_pair, "merges_s")
+    try:
+        start = time.perf_counter()
+        count_shards(paths, None, check_repeats=False)
+        return {"wall_s": time.perf_counter() - start, **seconds}
+    finally:
+        cooccurrence.count_batch, cooccurrence._merge_pair = count_batch, merge_pair
 
 
 def main() -> None:
@@ -44,6 +72,7 @@ def main() -> None:
             result = count_shards(paths, client)
         wall = time.time() - start
         cpu = {p.pid: sum(p.cpu_times()[:2]) - cpu_before[p.pid] for p in procs}
+    alone = in_process(paths)
     compute: dict[str, float] = collections.defaultdict(float)
     moving: dict[str, float] = collections.defaultdict(float)
     n_tasks: collections.Counter[str] = collections.Counter()
@@ -78,6 +107,11 @@ def main() -> None:
         "compute_s": dict(sorted(compute.items())),
         "transfer_s": dict(sorted(moving.items())),
         "tasks": dict(n_tasks),
+        "compute_all_workers_s": {
+            kind: sum(v for k, v in compute.items() if k.endswith(f" {kind}"))
+            for kind in ("count-batch", "_merge_pair", "_merge_tile")
+        },
+        "in_process": alone,
         # what ran after the last count task, seconds from the start: the last merges and the moves between workers;
         # from the last one's end to wall_s, the result travels to this process
         "tail": [

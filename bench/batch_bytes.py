@@ -2,7 +2,8 @@
 
 Smaller batches hold fewer annotations in a count task at once, but cost more tasks and more merges. For each
 corpus and batch size, a fresh process starts a 2-worker LocalCluster (``dask_client``), counts the corpus once
-(no warm-up: as ``bench/embed.py``'s count phase) and samples the RSS of every process of its tree every 20 ms::
+(no warm-up: as ``bench/embed.py``'s count phase), while this process samples the RSS of every process of its
+tree every 20 ms::
 
     python bench/batch_bytes.py /tmp/c6 /tmp/c7 /tmp/c8 --batch-bytes 1 1048576 4194304
 
@@ -20,11 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import write_result
+from common import TreeMonitor, write_result
 
 CHILD = """
-import json, sys, threading, time
-import psutil
+import json, sys, time
 import pmi_pipeline
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.dask_cluster import dask_client
@@ -32,36 +32,31 @@ from pmi_pipeline.shards import discover_shards
 
 if __name__ == "__main__":
     corpus, batch_bytes = sys.argv[1], int(sys.argv[2])
-    root, peaks, tree, done = psutil.Process(), {}, [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            total = 0
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    rss = p.memory_info().rss
-                except psutil.Error:
-                    continue
-                total += rss
-                peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
-            tree[0] = max(tree[0], total)
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     paths = discover_shards([corpus])
     with dask_client(n_workers=2) as client:
         client.wait_for_workers(2)
         start = time.perf_counter()
         result = count_shards(paths, client, batch_bytes=batch_bytes)
         seconds = time.perf_counter() - start
-    done.set()
-    thread.join()
-    print(json.dumps({"seconds": seconds, "tree_peak_mib": tree[0] / 2**20,
-                      "process_peaks_mib": sorted(v / 2**20 for v in peaks.values()),
-                      "n_annotations": result.counts.n_annotations, "n_pairs": result.counts.n_pairs,
-                      "library": pmi_pipeline.__file__}))
+    print(json.dumps({"seconds": seconds, "n_annotations": result.counts.n_annotations,
+                      "n_pairs": result.counts.n_pairs, "library": pmi_pipeline.__file__}))
 """
+
+
+def measure(corpus: Path, batch_bytes: int) -> dict:
+    """One count in a fresh process, its process tree sampled every 20 ms (:class:`common.TreeMonitor`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(corpus), str(batch_bytes)], stdout=subprocess.PIPE, text=True
+    )
+    with TreeMonitor(proc.pid, interval=0.02) as monitor:
+        out, _ = proc.communicate()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, out)
+    return {
+        **json.loads(out.strip().splitlines()[-1]),
+        "tree_peak_mib": monitor.result.peak_rss / 2**20,
+        "process_peaks_mib": sorted(v / 2**20 for v in monitor.result.peak_by_pid.values()),
+    }
 
 
 def main() -> None:
@@ -72,13 +67,7 @@ def main() -> None:
     rows = []
     for corpus in args.corpus:
         for batch_bytes in args.batch_bytes:
-            out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(corpus), str(batch_bytes)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            row = {"corpus": str(corpus), "batch_bytes": batch_bytes, **json.loads(out.stdout.strip().splitlines()[-1])}
+            row = {"corpus": str(corpus), "batch_bytes": batch_bytes, **measure(corpus, batch_bytes)}
             rows.append(row)
             print(
                 f"| {corpus} | {batch_bytes} | {row['seconds']:.2f} | {row['tree_peak_mib']:.0f} | "

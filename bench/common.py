@@ -1,4 +1,5 @@
-"""What the benchmark scripts in this directory share: the best of repeated timings, and where results go.
+"""What the benchmark scripts in this directory share: the best of repeated timings, the memory and CPU of a
+process tree (:class:`TreeMonitor`), and where results go.
 
 Imported as ``from common import ...``: a script run as ``python bench/NAME.py`` has this directory on its path.
 """
@@ -7,13 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+#: Seconds between two samples of a process tree.
+SAMPLE_S = 0.05
 
 
 def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -32,3 +39,68 @@ def write_result(name: str, data: Any, directory: Path = RESULTS) -> Path:
     out = directory / f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps(data, indent=1))
     return out
+
+
+@dataclass
+class TreeSample:
+    peak_rss: int = 0
+    peak_single_rss: int = 0
+    max_processes: int = 0
+    cpu_s: float = 0.0
+    samples: int = 0
+    peak_by_pid: dict[int, int] = field(default_factory=dict)  # each process's own peak RSS
+
+
+class TreeMonitor:
+    """Sample a process and all its descendants every ``interval`` seconds in a background thread.
+
+    Peak RSS is the largest *sum* of the tree's resident set sizes at one instant (shared pages, such as a
+    library mapped by several workers, count once per process, as the kernel's RSS does). CPU seconds are
+    summed per process over every process ever seen (user + system at its last sample), so short-lived
+    workers count too.
+    """
+
+    def __init__(self, pid: int, interval: float = SAMPLE_S):
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.result = TreeSample()
+        self._cpu: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.result.cpu_s = sum(self._cpu.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    rss = proc.memory_info().rss
+                    cpu = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+            except psutil.Error:
+                continue
+            total += rss
+            self.result.peak_single_rss = max(self.result.peak_single_rss, rss)
+            self.result.peak_by_pid[proc.pid] = max(self.result.peak_by_pid.get(proc.pid, 0), rss)
+            self._cpu[key] = max(self._cpu.get(key, 0.0), cpu.user + cpu.system)
+        r = self.result
+        r.peak_rss = max(r.peak_rss, total)
+        r.max_processes = max(r.max_processes, len(procs))
+        r.samples += 1

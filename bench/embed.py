@@ -51,21 +51,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+from common import TreeMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 DOCS_FILE = ROOT / "docs" / "performance.md"
 DOCS_START = "<!-- bench/embed.py: start -->"
 DOCS_END = "<!-- bench/embed.py: end -->"
-SAMPLE_S = 0.05
 
 COUNT_PHASES = ("count", "count-serial", "inmem-count")
 FACTOR_PHASES = (
@@ -91,69 +89,6 @@ ONCE_PHASES = ("synth", "svds", "eigsh")
 # ------------------------------------------------------------------------------------------------------------
 # Measuring a phase in a fresh process: wall time, peak RSS of the process tree, CPU seconds of the tree
 # ------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TreeSample:
-    peak_rss: int = 0
-    peak_single_rss: int = 0
-    max_processes: int = 0
-    cpu_s: float = 0.0
-    samples: int = 0
-
-
-class TreeMonitor:
-    """Sample a process and all its descendants every ``interval`` seconds in a background thread.
-
-    Peak RSS is the largest *sum* of the tree's resident set sizes at one instant (shared pages, such as a
-    library mapped by several workers, count once per process, as the kernel's RSS does). CPU seconds are
-    summed per process over every process ever seen (user + system at its last sample), so short-lived
-    workers count too.
-    """
-
-    def __init__(self, pid: int, interval: float = SAMPLE_S):
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.result = TreeSample()
-        self._cpu: dict[tuple[int, float], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.result.cpu_s = sum(self._cpu.values())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def sample(self) -> None:
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        total = 0
-        for proc in procs:
-            try:
-                with proc.oneshot():
-                    rss = proc.memory_info().rss
-                    cpu = proc.cpu_times()
-                    key = (proc.pid, proc.create_time())
-            except psutil.Error:
-                continue
-            total += rss
-            self.result.peak_single_rss = max(self.result.peak_single_rss, rss)
-            self._cpu[key] = max(self._cpu.get(key, 0.0), cpu.user + cpu.system)
-        r = self.result
-        r.peak_rss = max(r.peak_rss, total)
-        r.max_processes = max(r.max_processes, len(procs))
-        r.samples += 1
 
 
 def run_phase(name: str, spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:

@@ -15,8 +15,10 @@ import ctypes
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +126,10 @@ class Counts:
         overlap = set(self.manifest) & set(other.manifest)
         if overlap:
             raise ValueError(f"shard(s) counted twice: {sorted(overlap)[:3]}")
-        if sorted_union:
+        if sorted_union and _same_labels(self.labels, other.labels):
+            # the usual case within a count: a worker's batches share its run's vocabulary (_RunVocabularies)
+            labels, a, b = self.labels, self, other
+        elif sorted_union:
             labels, pos_a, pos_b = _sorted_union(self.labels, other.labels)
             a, b = self.reindex(labels, pos_a), other.reindex(labels, pos_b)
         else:
@@ -203,9 +208,20 @@ class Counts:
             return cls(labels, z["label_counts"], pairs, int(meta["n_examples"]), meta["manifest"])
 
 
+def _same_labels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two vocabularies are the same, in the same order (the same array, or equal ones: 0.6 ms at 10^5
+    labels against about 30 ms to unite them and move one side's indices)."""
+    return a is b or (a.size == b.size and bool(np.array_equal(a, b)))
+
+
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted union of two vocabularies and where each one's labels land in it."""
+    """Sorted union of two vocabularies and where each one's labels land in it. The union is one of them, the
+    same array, where that one is sorted and holds the other's labels: later merges with counts over it then find
+    their vocabularies the same at once (:func:`_same_labels`)."""
     labels, (pos_a, pos_b) = _sorted_union_many([a, b])
+    for vocabulary, position in ((b, pos_b), (a, pos_a)):
+        if vocabulary.size == labels.size and np.array_equal(position, np.arange(labels.size)):
+            return vocabulary, pos_a, pos_b
     return labels, pos_a, pos_b
 
 
@@ -511,21 +527,82 @@ def _as_codes(ann: Annotations) -> ShardCodes:
     )
 
 
-def _count_consumed(shards: list[ShardCodes]) -> Counts:
+class _RunVocabularies:
+    """The labels each count run has met so far in this process, sorted, for a few runs at a time.
+
+    A count task looks its shards' labels up in its run's vocabulary (one hash pass; the vocabulary grows, and is
+    sorted again, only when a shard brings labels it lacks), and its counts are over that whole vocabulary. So a
+    task neither sorts labels nor builds a vocabulary of its own, and the counts of a run's tasks on one worker
+    share one vocabulary: merging them unites no vocabularies and moves no indices. At 10^5 labels, uniting and
+    sorting took a fifth of a count (docs/performance.md, ninth pass). Counts over labels a batch does not use are
+    the same counts: those labels have no pairs and zero counts, and every label of a run's vocabulary is used by
+    some shard of the run, so the sum over the run has no others.
+    """
+
+    #: Runs remembered at once (least recently grown forgotten first): a run forgets its own when it ends
+    #: (:func:`_forget_run_vocabulary`); this bounds what runs that ended without doing so leave behind.
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, tuple[np.ndarray, pa.Array]] = OrderedDict()
+
+    def positions(self, run: str, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The run's labels (object array, sorted), grown by those of ``dictionaries`` it lacked, and where each
+        dictionary's labels are in them."""
+        splits = np.cumsum([len(d) for d in dictionaries])[:-1]
+        known = self._runs.get(run)
+        if known is not None:
+            both = pa.concat_arrays([_arrow_strings(d) for d in dictionaries])
+            found = pc.index_in(both, value_set=known[1])
+            if found.null_count == 0:
+                return known[0], np.split(found.to_numpy().astype(np.int64), splits)
+        with self._lock:  # tasks of one run in threads of one worker: the vocabulary grows one task at a time
+            known = self._runs.get(run)
+            before = [known[1]] if known is not None else []
+            labels, positions = _sorted_union_many([*before, *dictionaries])
+            if known is not None and labels.size == known[0].size:  # another task grew it meanwhile
+                labels = known[0]
+            self._runs[run] = (labels, pa.array(labels, pa.large_string()))
+            self._runs.move_to_end(run)
+            while len(self._runs) > self.KEEP:
+                self._runs.popitem(last=False)
+            return labels, positions[len(before) :]
+
+    def forget(self, run: str) -> None:
+        with self._lock:
+            self._runs.pop(run, None)
+
+
+_RUN_VOCABULARIES = _RunVocabularies()
+
+
+def _forget_run_vocabulary(run: str) -> None:
+    """Drop a run's vocabulary from this process (run on every worker when a count ends)."""
+    _RUN_VOCABULARIES.forget(run)
+
+
+def _count_consumed(shards: list[ShardCodes], run: str | None = None) -> Counts:
     """:func:`counts_from_batch` for shards as read (:func:`~pmi_pipeline.shards.read_shard_codes`): the labels
     the batch uses are sorted once for the whole batch, not once per shard and then again to unite them (count
     tasks of 10^8 annotations over 10^5 labels took 29.5 s in one process, against 35.9 s so; docs/performance.md,
     seventh pass). Then each shard is mapped into that vocabulary and counted into the batch's counter on its
     own, so that a task holds one shard's mapped codes at a time, not the whole batch's (docs/performance.md,
     eighth pass). Empties ``shards`` as it goes, so that a caller who hands over its only references frees each
-    shard once it is counted."""
+    shard once it is counted. With a ``run``, the counts are over that run's vocabulary in this process
+    (:class:`_RunVocabularies`)."""
     if not shards:
         return Counts.empty()
     digests = [s.sha256 for s in shards]
     if len(set(digests)) < len(digests):
         raise ValueError(f"shard(s) counted twice: {sorted(d for d in digests if digests.count(d) > 1)[:3]}")
     used = [np.flatnonzero(np.bincount(s.entry_codes, minlength=len(s.dictionary))) for s in shards]
-    labels, positions = _sorted_union_many([s.dictionary.take(pa.array(u)) for s, u in zip(shards, used, strict=True)])
+    dictionaries = [s.dictionary.take(pa.array(u)) for s, u in zip(shards, used, strict=True)]
+    if run is None:
+        labels, positions = _sorted_union_many(dictionaries)
+    else:
+        labels, positions = _RUN_VOCABULARIES.positions(run, dictionaries)
+    del dictionaries
     m = labels.size
     n_examples = sum(s.n_examples for s in shards)
     idx = index_dtype(m)
@@ -567,9 +644,10 @@ ShardOutcome = tuple[str, np.ndarray] | ShardError
 
 
 def count_batch(
-    paths: Sequence[str | Path], expected_hashes: Sequence[str | None] | None = None
+    paths: Sequence[str | Path], expected_hashes: Sequence[str | None] | None = None, *, run: str | None = None
 ) -> tuple[Counts, list[ShardOutcome]]:
-    """Validate several shards and count the valid ones as one (:func:`counts_from_batch`).
+    """Validate several shards and count the valid ones as one (:func:`counts_from_batch`; with a ``run``, over
+    that count run's vocabulary in this process, :class:`_RunVocabularies`).
 
     Each shard is validated on its own: a bad one is returned as its :class:`ShardError` (returned, not raised,
     so that it costs neither the other shards of the batch nor the other tasks) and contributes nothing.
@@ -586,7 +664,7 @@ def count_batch(
         shards.append(shard)
         outcomes.append((shard.sha256, shard.example_ids))
         del shard
-    counts = _count_consumed(shards)  # empties shards: each shard's codes go once copied into the batch's
+    counts = _count_consumed(shards, run)  # empties shards: each shard's codes go once copied into the batch's
     _release_free_heap()
     return counts, outcomes
 
@@ -717,6 +795,9 @@ def count_shards(
     digests: dict[int, str] = {}
     sums = _WorkerSums(client)
     done = 0
+    # Unique to this run: its task keys (two runs sharing a scheduler must never receive each other's results) and
+    # its vocabulary in each worker (_RunVocabularies).
+    run = uuid.uuid4().hex[:12]
 
     def finished(batch: range, outcomes: list[ShardOutcome]) -> None:
         nonlocal done
@@ -732,21 +813,23 @@ def count_shards(
                 progress(done, total)
 
     if client is None:
-        for batch in batches:
-            counts, outcomes = count_batch([paths[i] for i in batch], [expected[i] for i in batch])
-            if counts.manifest:
-                sums.add(counts, None)
-            finished(batch, outcomes)
+        try:
+            for batch in batches:
+                counts, outcomes = count_batch([paths[i] for i in batch], [expected[i] for i in batch], run=run)
+                if counts.manifest:
+                    sums.add(counts, None)
+                finished(batch, outcomes)
+        finally:
+            _forget_run_vocabulary(run)
     else:
         from distributed import as_completed
 
-        # Keys unique to this run: two runs sharing a scheduler must never receive each other's results.
-        run = uuid.uuid4().hex[:12]
         futures = [
             client.submit(
                 count_batch,
                 [paths[i] for i in batch],
                 [expected[i] for i in batch],
+                run=run,
                 pure=False,
                 key=f"count-batch-{run}-{b}",
             )
@@ -774,6 +857,8 @@ def count_shards(
             sums.add(client.submit(_first, future, pure=False, priority=1, **_near(worker)), worker)
             future.release()
         del futures
+        # Every count task is done. (After an error, the workers forget the vocabulary as other runs come.)
+        client.run(_forget_run_vocabulary, run, on_error="ignore")
     total = sums.total()  # the last merges run on the workers while this process checks for repeats below
 
     counts = None

@@ -18,6 +18,7 @@ from pmi_pipeline.cooccurrence import (
     BATCHES_PER_SLOT,
     Counts,
     count_batch,
+    count_shard,
     count_shards,
     plan_batches,
     upper_pair_counts,
@@ -249,6 +250,68 @@ def test_a_merge_widens_pair_counts_before_they_could_overflow():
     big = counts(2**31 - 2, 2**31 - 2, "x").merge(counts(2, 2, "y"), sorted_union=True)
     assert big.pairs.dtype == np.int64 and big.pairs[0, 1] == 2**31
     assert Counts.sum([counts(3, 4, "x"), counts(2, 5, "y")]).pairs.dtype == np.int64
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_run_vocabulary_grows_sorted_and_locates_every_label(seed):
+    """A run's vocabulary in a process (_RunVocabularies): sorted and distinct, every label of every dictionary
+    looked up where it is, the same array while no new label comes, and runs kept apart."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    names = np.array([f"label {i:03d}" for i in rng.permutation(300)], dtype=object)
+    vocabularies = cooccurrence._RunVocabularies()
+    seen: set[str] = set()
+    previous = None
+    for step in range(12):
+        pool = names[: 60 + 20 * step] if step < 8 else names  # new labels come early, then none
+        dictionaries = [pa.array(rng.choice(pool, size=int(rng.integers(1, 40)), replace=False).tolist())]
+        dictionaries.append(pa.array(rng.choice(pool, size=5, replace=False).tolist(), pa.large_string()))
+        labels, positions = vocabularies.positions("run", dictionaries)
+        seen |= {x for d in dictionaries for x in d.to_pylist()}
+        assert labels.tolist() == sorted(seen)
+        for d, position in zip(dictionaries, positions, strict=True):
+            assert labels[position].tolist() == d.to_pylist()
+        if previous is not None and len(previous) == len(labels):
+            assert labels is previous
+        previous = labels
+    other, _ = vocabularies.positions("other run", [pa.array(["zz"])])
+    assert other.tolist() == ["zz"] and vocabularies.positions("run", [pa.array(["zz"])])[0].tolist()[-1] == "zz"
+    for run in range(cooccurrence._RunVocabularies.KEEP + 2):
+        vocabularies.positions(f"run {run}", [pa.array(["a"])])
+    assert len(vocabularies._runs) == cooccurrence._RunVocabularies.KEEP
+    vocabularies.forget(f"run {cooccurrence._RunVocabularies.KEEP + 1}")
+    assert f"run {cooccurrence._RunVocabularies.KEEP + 1}" not in vocabularies._runs
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_count_is_over_its_own_labels_and_leaves_no_vocabulary_behind(workers, dask_clients, data_dir):
+    """Counts of one corpus, then of another, in the same process (the one worker, or this process): the second
+    holds the second corpus's labels only, and no run's vocabulary stays in a worker once its count is done."""
+    client = dask_clients[workers] if workers else None
+    for dataset in ("bibtex", "eurlex"):
+        paths = discover_shards([data_dir / dataset])
+        counts = count_shards(paths, client).counts
+        assert_matches_reference(counts, paths)
+        kept = client.run(lambda: len(cooccurrence._RUN_VOCABULARIES._runs)) if client else {"here": 0}
+        assert set(kept.values()) == {0} and not cooccurrence._RUN_VOCABULARIES._runs
+
+
+def test_a_merge_reuses_a_vocabulary_only_where_it_is_the_sorted_union(eurlex_dir):
+    """Two counts over one vocabulary merge without uniting them; the union is one side's own array where that
+    side is sorted and holds the other's labels, never an unsorted one of the same labels."""
+    first, second = (count_shard(p) for p in discover_shards([eurlex_dir])[:2])
+    expected = Counts.sum([first, second])
+    union = expected.labels
+    a, b = first.reindex(union), second.reindex(union.copy())
+    merged = a.merge(b, sorted_union=True)
+    assert merged.labels is a.labels and merged.equals(expected)
+    grown = first.merge(b, sorted_union=True)  # b's vocabulary holds first's labels
+    assert grown.labels is b.labels and grown.equals(expected)
+    shuffled = b.reindex(union[np.random.default_rng(0).permutation(union.size)])
+    merged = first.merge(shuffled, sorted_union=True)
+    assert merged.labels.tolist() == sorted(union.tolist()) and merged.equals(expected)
+    assert (merged.pairs != expected.pairs).nnz == 0
 
 
 def test_save_load_round_trip(bibtex_dir, tmp_path):

@@ -89,7 +89,8 @@ def dask_client(
         )
         # Results straight from the workers that hold them. Through the scheduler (Dask's default, for clients that
         # cannot reach the workers), a result is pickled in-band at protocol 4, the scheduler's: a Counts of 25
-        # million pairs took 0.65-0.77 s to reach this process, against 0.07-0.27 s so (docs/performance.md, ninth pass).
+        # million pairs took 0.65-0.77 s to reach this process, against 0.07-0.27 s so (docs/performance.md,
+        # ninth pass).
         client = Client(cluster, set_as_default=False, direct_to_workers=True)
         log.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
         try:

@@ -126,10 +126,7 @@ class Counts:
         overlap = set(self.manifest) & set(other.manifest)
         if overlap:
             raise ValueError(f"shard(s) counted twice: {sorted(overlap)[:3]}")
-        if sorted_union and _same_labels(self.labels, other.labels):
-            # the usual case within a count: a worker's batches share its run's vocabulary (_RunVocabularies)
-            labels, a, b = self.labels, self, other
-        elif sorted_union:
+        if sorted_union:
             labels, pos_a, pos_b = _sorted_union(self.labels, other.labels)
             a, b = self.reindex(labels, pos_a), other.reindex(labels, pos_b)
         else:
@@ -166,7 +163,7 @@ class Counts:
 
     def sorted(self) -> Counts:
         """The same counts with the vocabulary in sorted order: a canonical form, whatever the merge order."""
-        if self.labels.size < 2 or np.all(self.labels[1:] > self.labels[:-1]):  # the usual case: one pass, no sort
+        if _strictly_sorted(self.labels):  # the usual case: one pass, no sort
             return Counts(self.labels, self.label_counts, self.pairs, self.n_examples, dict(self.manifest))
         order = np.argsort(self.labels.astype(str), kind="stable")
         return self.reindex(self.labels[order])
@@ -208,6 +205,11 @@ class Counts:
             return cls(labels, z["label_counts"], pairs, int(meta["n_examples"]), meta["manifest"])
 
 
+def _strictly_sorted(labels: np.ndarray) -> bool:
+    """Whether a vocabulary is in sorted order, without repeats (one pass; 0.7 ms at 10^5 labels)."""
+    return labels.size < 2 or bool(np.all(labels[1:] > labels[:-1]))
+
+
 def _same_labels(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two vocabularies are the same, in the same order (the same array, or equal ones: 0.6 ms at 10^5
     labels against about 30 ms to unite them and move one side's indices)."""
@@ -215,9 +217,13 @@ def _same_labels(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted union of two vocabularies and where each one's labels land in it. The union is one of them, the
-    same array, where that one is sorted and holds the other's labels: later merges with counts over it then find
-    their vocabularies the same at once (:func:`_same_labels`)."""
+    """Sorted union of two vocabularies and where each one's labels land in it. Nothing to unite where they are
+    the same sorted one (the usual case within a count: a worker's batches share its run's vocabulary,
+    :class:`_RunVocabularies`). The union is one of them, the same array, where that one is sorted and holds the
+    other's labels: later merges with counts over it then find their vocabularies the same at once."""
+    if _same_labels(a, b) and _strictly_sorted(a):
+        same = np.arange(a.size)
+        return a, same, same
     labels, (pos_a, pos_b) = _sorted_union_many([a, b])
     for vocabulary, position in ((b, pos_b), (a, pos_a)):
         if vocabulary.size == labels.size and np.array_equal(position, np.arange(labels.size)):

@@ -312,6 +312,9 @@ def test_a_merge_reuses_a_vocabulary_only_where_it_is_the_sorted_union(eurlex_di
     merged = first.merge(shuffled, sorted_union=True)
     assert merged.labels.tolist() == sorted(union.tolist()) and merged.equals(expected)
     assert (merged.pairs != expected.pairs).nnz == 0
+    order = np.random.default_rng(1).permutation(union.size)  # one unsorted vocabulary on both sides
+    merged = first.reindex(union[order]).merge(second.reindex(union[order]), sorted_union=True)
+    assert merged.labels.tolist() == sorted(union.tolist()) and merged.equals(expected)
 
 
 def test_save_load_round_trip(bibtex_dir, tmp_path):

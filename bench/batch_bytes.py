@@ -56,6 +56,10 @@ def measure(corpus: Path, batch_bytes: int) -> dict:
         **json.loads(out.strip().splitlines()[-1]),
         "tree_peak_mib": monitor.result.peak_rss / 2**20,
         "process_peaks_mib": sorted(v / 2**20 for v in monitor.result.peak_by_pid.values()),
+        "at_tree_peak_mib": sorted(
+            ([monitor.result.roles.get(pid, "?"), rss / 2**20] for pid, rss in monitor.result.at_peak.items()),
+            key=lambda r: -r[1],
+        ),
     }
 
 

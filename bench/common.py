@@ -49,6 +49,9 @@ class TreeSample:
     cpu_s: float = 0.0
     samples: int = 0
     peak_by_pid: dict[int, int] = field(default_factory=dict)  # each process's own peak RSS
+    # each process's RSS at the instant of the tree's peak, and what it is (its command line's gist)
+    at_peak: dict[int, int] = field(default_factory=dict)
+    roles: dict[int, str] = field(default_factory=dict)
 
 
 class TreeMonitor:
@@ -87,20 +90,34 @@ class TreeMonitor:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
-        total = 0
+        total, now = 0, {}
         for proc in procs:
             try:
                 with proc.oneshot():
                     rss = proc.memory_info().rss
                     cpu = proc.cpu_times()
                     key = (proc.pid, proc.create_time())
+                    self.result.roles[proc.pid] = _role(proc)  # each time: a process spawned is the parent until exec
             except psutil.Error:
                 continue
             total += rss
+            now[proc.pid] = rss
             self.result.peak_single_rss = max(self.result.peak_single_rss, rss)
             self.result.peak_by_pid[proc.pid] = max(self.result.peak_by_pid.get(proc.pid, 0), rss)
             self._cpu[key] = max(self._cpu.get(key, 0.0), cpu.user + cpu.system)
         r = self.result
-        r.peak_rss = max(r.peak_rss, total)
+        if total > r.peak_rss:
+            r.peak_rss, r.at_peak = total, now
         r.max_processes = max(r.max_processes, len(procs))
         r.samples += 1
+
+
+def _role(proc: psutil.Process) -> str:
+    """What a process of a count's tree is: a Dask worker (spawned by its nanny), multiprocessing's resource
+    tracker, or else its command line's start (the client, which holds a LocalCluster's scheduler and nannies)."""
+    cmdline = " ".join(proc.cmdline())
+    if "multiprocessing.spawn" in cmdline:
+        return "worker"
+    if "multiprocessing.resource_tracker" in cmdline:
+        return "resource tracker"
+    return "client: " + cmdline[:60].replace("\n", " ")

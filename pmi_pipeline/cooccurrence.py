@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -334,6 +334,17 @@ class PairCounter:
         self.m = m
         self._keys = _KeyCounter(m, block, max_count=max_examples)
 
+    @property
+    def narrow(self) -> bool:
+        """Whether pair counts are int32 (``max_examples`` below 2^31)."""
+        return self._keys.counts is np.int32
+
+    def add_counts(self, pairs: sp.csr_matrix) -> None:
+        """Add pair counts already made (strictly upper triangular, over this counter's ``m`` labels)."""
+        if pairs.shape != (self.m, self.m):
+            raise ValueError(f"pair counts of shape {pairs.shape} added to a counter over {self.m} labels")
+        self._keys.add_matrix(pairs)
+
     def add(self, example_codes: np.ndarray, label_codes: np.ndarray) -> None:
         """Count the pairs of examples given as distinct (example, label) codes sorted by example, then label (an
         example's codes all in this call)."""
@@ -516,7 +527,11 @@ def counts_from_annotations(ann: Annotations) -> Counts:
 def counts_from_batch(anns: Sequence[Annotations]) -> Counts:
     """Counts of several validated shards at once: their vocabularies united once and their pairs counted in one
     pass, which costs far less than counting each and merging (no per-shard vocabulary union or sparse sum)."""
-    return _count_consumed([_as_codes(a) for a in anns])
+    codes = [_as_codes(a) for a in anns]
+    vocabulary = _Vocabulary()
+    if codes:  # all in memory already: their labels united at once, so the vocabulary never grows while counting
+        vocabulary.locate([c.dictionary for c in codes])
+    return _count_consumed(codes, vocabulary)
 
 
 def _as_codes(ann: Annotations) -> ShardCodes:
@@ -533,47 +548,80 @@ def _as_codes(ann: Annotations) -> ShardCodes:
     )
 
 
-class _RunVocabularies:
-    """The labels each count run has met so far in this process, sorted, for a few runs at a time.
+class _Vocabulary:
+    """Labels met so far, sorted, and where a dictionary's labels are in them: a count task looks its shards' labels
+    up (one hash pass); the vocabulary grows, and is sorted again, only when a shard brings labels it lacks.
 
-    A count task looks its shards' labels up in its run's vocabulary (one hash pass; the vocabulary grows, and is
-    sorted again, only when a shard brings labels it lacks), and its counts are over that whole vocabulary. So a
-    task neither sorts labels nor builds a vocabulary of its own, and the counts of a run's tasks on one worker
-    share one vocabulary: merging them unites no vocabularies and moves no indices. At 10^5 labels, uniting and
-    sorting took a fifth of a count (docs/performance.md, ninth pass). Counts over labels a batch does not use are
-    the same counts: those labels have no pairs and zero counts, and every label of a run's vocabulary is used by
-    some shard of the run, so the sum over the run has no others.
-    """
-
-    #: Runs remembered at once (least recently grown forgotten first): a run forgets its own when it ends
-    #: (:func:`_forget_run_vocabulary`); this bounds what runs that ended without doing so leave behind.
-    KEEP = 4
+    Shared by a count run's tasks in a process (:class:`_RunVocabularies`), a task's counts are over the whole
+    vocabulary, so that the counts of a run's tasks on one worker share it: merging them unites no vocabularies
+    and moves no indices (at 10^5 labels, uniting and sorting took a fifth of a count; docs/performance.md, ninth
+    pass). Counts over labels a batch does not use are the same counts: those labels have no pairs and zero
+    counts, and every label of a run's vocabulary is used by some shard of the run, so the sum over the run has no
+    others."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runs: OrderedDict[str, tuple[np.ndarray, pa.Array]] = OrderedDict()
+        # (labels, the same as Arrow strings), replaced together: tasks in other threads read it without the lock
+        self._known: tuple[np.ndarray, pa.Array] | None = None
 
-    def positions(self, run: str, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The run's labels (object array, sorted), grown by those of ``dictionaries`` it lacked, and where each
-        dictionary's labels are in them."""
+    @property
+    def labels(self) -> np.ndarray:
+        known = self._known
+        return known[0] if known is not None else np.empty(0, dtype=object)
+
+    def find(self, dictionary: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+        """The labels and where the dictionary's labels are in them, or None if it has labels they lack."""
+        known = self._known
+        if known is None:
+            return None
+        found = pc.index_in(_arrow_strings(dictionary), value_set=known[1])
+        return (known[0], found.to_numpy().astype(np.int64)) if found.null_count == 0 else None
+
+    def locate(self, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The labels (object array, sorted; the same array until it grows), grown by those of ``dictionaries``
+        it lacked, and where each dictionary's labels are in them."""
         splits = np.cumsum([len(d) for d in dictionaries])[:-1]
-        known = self._runs.get(run)
+        known = self._known
         if known is not None:
             both = pa.concat_arrays([_arrow_strings(d) for d in dictionaries])
             found = pc.index_in(both, value_set=known[1])
             if found.null_count == 0:
                 return known[0], np.split(found.to_numpy().astype(np.int64), splits)
         with self._lock:  # tasks of one run in threads of one worker: the vocabulary grows one task at a time
-            known = self._runs.get(run)
+            known = self._known
             before = [known[1]] if known is not None else []
             labels, positions = _sorted_union_many([*before, *dictionaries])
             if known is not None and labels.size == known[0].size:  # another task grew it meanwhile
                 labels = known[0]
-            self._runs[run] = (labels, pa.array(labels, pa.large_string()))
+            else:
+                self._known = (labels, pa.array(labels, pa.large_string()))
+            return labels, positions[len(before) :]
+
+
+class _RunVocabularies:
+    """One :class:`_Vocabulary` per count run in this process, for a few runs at a time."""
+
+    #: Runs remembered at once (least recently used forgotten first): a run forgets its own when it ends
+    #: (:func:`_forget_run_vocabulary`); this bounds what runs that ended without doing so leave behind.
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, _Vocabulary] = OrderedDict()
+
+    def get(self, run: str) -> _Vocabulary:
+        with self._lock:
+            vocabulary = self._runs.get(run)
+            if vocabulary is None:
+                vocabulary = self._runs[run] = _Vocabulary()
             self._runs.move_to_end(run)
             while len(self._runs) > self.KEEP:
                 self._runs.popitem(last=False)
-            return labels, positions[len(before) :]
+            return vocabulary
+
+    def positions(self, run: str, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`_Vocabulary.locate` in the run's vocabulary."""
+        return self.get(run).locate(dictionaries)
 
     def forget(self, run: str) -> None:
         with self._lock:
@@ -588,50 +636,120 @@ def _forget_run_vocabulary(run: str) -> None:
     _RUN_VOCABULARIES.forget(run)
 
 
-def _count_consumed(shards: list[ShardCodes], run: str | None = None) -> Counts:
-    """:func:`counts_from_batch` for shards as read (:func:`~pmi_pipeline.shards.read_shard_codes`): the labels
-    the batch uses are sorted once for the whole batch, not once per shard and then again to unite them (count
-    tasks of 10^8 annotations over 10^5 labels took 29.5 s in one process, against 35.9 s so; docs/performance.md,
-    seventh pass). Then each shard is mapped into that vocabulary and counted into the batch's counter on its
-    own, so that a task holds one shard's mapped codes at a time, not the whole batch's (docs/performance.md,
-    eighth pass). Empties ``shards`` as it goes, so that a caller who hands over its only references frees each
-    shard once it is counted. With a ``run``, the counts are over that run's vocabulary in this process
-    (:class:`_RunVocabularies`)."""
-    if not shards:
-        return Counts.empty()
-    digests = [s.sha256 for s in shards]
-    if len(set(digests)) < len(digests):
-        raise ValueError(f"shard(s) counted twice: {sorted(d for d in digests if digests.count(d) > 1)[:3]}")
-    used = [np.flatnonzero(np.bincount(s.entry_codes, minlength=len(s.dictionary))) for s in shards]
-    dictionaries = [s.dictionary.take(pa.array(u)) for s, u in zip(shards, used, strict=True)]
-    if run is None:
-        labels, positions = _sorted_union_many(dictionaries)
-    else:
-        labels, positions = _RUN_VOCABULARIES.positions(run, dictionaries)
-    del dictionaries
-    m = labels.size
-    n_examples = sum(s.n_examples for s in shards)
-    idx = index_dtype(m)
-    label_counts = np.zeros(m, np.int64)
-    counter = PairCounter(m, max_examples=n_examples)
-    manifest = {}
-    for u, position in zip(used, positions, strict=True):
-        shard = shards.pop(0)
-        rank = np.zeros(len(shard.dictionary), idx)
-        rank[u] = position
+#: Examples a batch's int32 pair counts can hold (a pair is counted at most once per example).
+_INT32_EXAMPLES = 2**31 - 2
+
+
+class _BatchCount:
+    """A batch's counts, shard by shard, over a vocabulary that may grow meanwhile: what was counted over an
+    earlier vocabulary is put aside as it is and moved to the last one once, at the end (an order-preserving move:
+    both are sorted, and the later holds the earlier)."""
+
+    def __init__(self) -> None:
+        self.labels: np.ndarray | None = None
+        self.counter: PairCounter | None = None
+        self.label_counts = np.empty(0, np.int64)
+        self.earlier: list[tuple[np.ndarray, np.ndarray, sp.csr_matrix]] = []
+        self.n_examples = 0
+        self.manifest: dict[str, dict[str, Any]] = {}
+
+    def add(self, shard: ShardCodes, used: np.ndarray, labels: np.ndarray, position: np.ndarray) -> None:
+        """Count a shard whose used dictionary entries ``used`` are the labels at ``position`` in ``labels``."""
+        wide = self.n_examples + shard.n_examples > _INT32_EXAMPLES  # int32 pair counts would overflow
+        if labels is not self.labels or (wide and self.counter.narrow):
+            if self.counter is not None:
+                self.earlier.append((self.labels, self.label_counts, self.counter.result()))
+            self.labels = labels
+            self.counter = PairCounter(labels.size, max_examples=2**63 - 1 if wide else _INT32_EXAMPLES)
+            self.label_counts = np.zeros(labels.size, np.int64)
+        m = labels.size
+        rank = np.zeros(len(shard.dictionary), index_dtype(m))
+        rank[used] = position
         # Pairs are within an example, so each shard is counted on its own codes, into the batch's vocabulary.
         examples, codes = distinct_pairs(shard.example_codes, rank[shard.entry_codes], m)
-        label_counts += np.bincount(codes, minlength=m)
-        counter.add(examples, codes)
-        manifest[shard.sha256] = {
+        self.label_counts += np.bincount(codes, minlength=m)
+        self.counter.add(examples, codes)
+        self.n_examples += shard.n_examples
+        self.manifest[shard.sha256] = {
             "path": str(shard.path),
             "n_examples": shard.n_examples,
             "n_annotations": int(codes.size),
             "n_rows": shard.n_rows,
         }
-        del shard, examples, codes
-    pairs = counter.result()
-    return Counts(labels, label_counts, pairs, n_examples, manifest)
+
+    def result(self, order: Sequence[str]) -> Counts:
+        """The batch's counts, its manifest in the shards' ``order`` (content hashes)."""
+        if self.counter is None:
+            return Counts.empty()
+        labels, label_counts, counter = self.labels, self.label_counts, self.counter
+        for old_labels, old_label_counts, old_pairs in self.earlier:
+            _, where, _ = _sorted_union(old_labels, labels)
+            label_counts[where] += old_label_counts
+            counter.add_counts(_remap_monotone(old_pairs, where, labels.size))
+        self.earlier = []
+        manifest = {sha: self.manifest[sha] for sha in order}
+        return Counts(labels, label_counts, counter.result(), self.n_examples, manifest)
+
+
+def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None = None) -> Counts:
+    """Counts of shards as read (:func:`~pmi_pipeline.shards.read_shard_codes`), over ``vocabulary`` (a run's,
+    :class:`_Vocabulary`; a new one if None), taking each shard from ``shards`` as it goes (a generator that reads
+    them, or a list, which it empties).
+
+    A shard whose labels the vocabulary holds is counted into the batch's counter at once and let go, so that
+    while the vocabulary does not grow (a run's tasks, once its labels are met) a task holds one shard's codes
+    however many its batch has: 9 shards held at once took 40 MiB against 21 MiB for one at 10^3 labels, and
+    larger batches, with fewer merges, are faster (docs/performance.md, tenth pass). A shard with labels it lacks
+    waits, and the vocabulary grows once for the waiting shards (up to :data:`WAITING_SHARDS` of them), then they
+    are counted: growing it for each shard (a sort of the vocabulary each time, and the counts so far moved to
+    it) was slower at 10^5 labels."""
+    vocabulary = vocabulary if vocabulary is not None else _Vocabulary()
+    if isinstance(shards, list):
+        shards = _consume(shards)
+    batch = _BatchCount()
+    waiting: list[tuple[ShardCodes, np.ndarray, pa.Array]] = []  # shards with labels the vocabulary lacks
+    order: list[str] = []
+    for shard in shards:
+        if shard.sha256 in order:
+            raise ValueError(f"shard(s) counted twice: {[shard.sha256]}")
+        order.append(shard.sha256)
+        used = np.flatnonzero(np.bincount(shard.entry_codes, minlength=len(shard.dictionary)))
+        dictionary = shard.dictionary.take(pa.array(used))
+        found = vocabulary.find(dictionary)
+        if found is None:
+            waiting.append((shard, used, dictionary))
+        else:
+            batch.add(shard, used, *found)
+        del shard, dictionary
+        if len(waiting) == WAITING_SHARDS:
+            _count_waiting(batch, vocabulary, waiting)
+    _count_waiting(batch, vocabulary, waiting)
+    return batch.result(order)
+
+
+#: Shards with labels the vocabulary lacks that a count task holds at most before it grows the vocabulary for
+#: them: bounds what a run's first tasks hold (about one 4 MiB batch) however large a batch is.
+WAITING_SHARDS = 8
+
+
+def _count_waiting(
+    batch: _BatchCount, vocabulary: _Vocabulary, waiting: list[tuple[ShardCodes, np.ndarray, pa.Array]]
+) -> None:
+    """Grow the vocabulary once for the waiting shards, count them and let them go (empties ``waiting``)."""
+    if not waiting:
+        return
+    labels, positions = vocabulary.locate([dictionary for _, _, dictionary in waiting])
+    for position in positions:
+        shard, used, _ = waiting.pop(0)
+        batch.add(shard, used, labels, position)
+        del shard
+
+
+def _consume(shards: list[ShardCodes]) -> Iterator[ShardCodes]:
+    """The shards of a list, each removed from it as it is handed out, so that a caller who hands over its only
+    references frees each shard once it is counted."""
+    while shards:
+        yield shards.pop(0)
 
 
 def count_shard(path: str | Path, expected_sha256: str | None = None) -> Counts:
@@ -652,25 +770,29 @@ ShardOutcome = tuple[str, np.ndarray] | ShardError
 def count_batch(
     paths: Sequence[str | Path], expected_hashes: Sequence[str | None] | None = None, *, run: str | None = None
 ) -> tuple[Counts, list[ShardOutcome]]:
-    """Validate several shards and count the valid ones as one (:func:`counts_from_batch`; with a ``run``, over
-    that count run's vocabulary in this process, :class:`_RunVocabularies`).
+    """Validate several shards and count the valid ones as one, reading each as it is counted
+    (:func:`_count_consumed`; with a ``run``, over that count run's vocabulary in this process,
+    :class:`_RunVocabularies`).
 
     Each shard is validated on its own: a bad one is returned as its :class:`ShardError` (returned, not raised,
     so that it costs neither the other shards of the batch nor the other tasks) and contributes nothing.
     """
     expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
-    shards: list[ShardCodes] = []
     outcomes: list[ShardOutcome] = []
-    for path, sha in zip(paths, expected, strict=True):
-        try:
-            shard = read_shard_codes(path, expected_sha256=sha)
-        except ShardError as exc:
-            outcomes.append(exc)
-            continue
-        shards.append(shard)
-        outcomes.append((shard.sha256, shard.example_ids))
-        del shard
-    counts = _count_consumed(shards, run)  # empties shards: each shard's codes go once copied into the batch's
+
+    def read() -> Iterator[ShardCodes]:
+        for path, sha in zip(paths, expected, strict=True):
+            try:
+                shard = read_shard_codes(path, expected_sha256=sha)
+            except ShardError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append((shard.sha256, shard.example_ids))
+            yield shard
+            del shard  # counted: the next shard is read without it
+
+    vocabulary = _RUN_VOCABULARIES.get(run) if run is not None else None
+    counts = _count_consumed(read(), vocabulary)  # one shard read and held at a time
     _release_free_heap()
     return counts, outcomes
 
@@ -697,7 +819,7 @@ _LIBC: Any = None
 #: pairs, so the costs of a task and of a merge are paid per batch, not per shard. Bounds a task's working
 #: memory (measured for 9 synthetic shards, 2.2 million annotations in all: 40 MiB added to the RSS at 10^3
 #: labels, 126 MiB at 10^5; bench/batch_memory.py, docs/performance.md, eighth pass).
-BATCH_BYTES = 4 << 20
+BATCH_BYTES = 8 << 20
 #: Batches per worker thread at least, while there are shards enough, so that every worker stays busy to the end.
 BATCHES_PER_SLOT = 4
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import weakref
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -375,6 +376,72 @@ def test_a_batch_lets_go_of_each_shard_once_copied(eurlex_dir, tmp_path):
     handed_over = [read_shard_codes(p) for p in paths]
     assert cooccurrence._count_consumed(handed_over).equals(expected) and handed_over == []
     assert_matches_reference(expected.sorted(), paths)
+
+
+@pytest.mark.parametrize("met", [True, False])
+def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, eurlex_dir, tmp_path, monkeypatch):
+    """With a run whose vocabulary holds the batch's labels (``met``), count_batch reads a shard only once the
+    shard before it is counted and let go: a task's working memory is one shard's codes however many shards its
+    batch has (docs/performance.md, tenth pass). Shards with labels the run lacks wait for the vocabulary to grow
+    once for them all, so they are all held."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 5)
+    read, shards, held = cooccurrence.read_shard_codes, [], []
+
+    def read_and_watch(path, **kwargs):
+        gc.collect()
+        held.append(sum(shard() is not None for shard in shards))  # shards read before this one, still alive
+        shard = read(path, **kwargs)
+        shards.append(weakref.ref(shard))
+        return shard
+
+    run = "test-run"
+    try:
+        if met:
+            cooccurrence._RUN_VOCABULARIES.get(run).locate([read_annotations(p).labels for p in paths])
+        monkeypatch.setattr(cooccurrence, "read_shard_codes", read_and_watch)
+        counts, outcomes = count_batch(paths, run=run)
+    finally:
+        cooccurrence._forget_run_vocabulary(run)
+    assert held == ([0] * len(paths) if met else list(range(len(paths)))) and len(outcomes) == len(paths)
+    assert_matches_reference(counts, paths)
+    assert [e["path"] for e in counts.manifest.values()] == [str(p) for p in paths]  # in the batch's order
+
+
+@pytest.mark.parametrize("widen", [False, True])
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_batch_counts_the_same_as_the_run_vocabulary_grows_or_its_counts_widen(
+    grow, widen, eurlex_dir, tmp_path, monkeypatch
+):
+    """A batch of a run after another batch of it: with ``grow``, the run has met the labels of the batch's second
+    shard only, so that shard is counted first and the others wait (the vocabulary grows once, and the counts
+    so far are moved to it), else the run met them all before; with ``widen``, int32 pair counts run out after
+    the first shard counted (the limit lowered to its examples), int64 from there on. Each batch is over the
+    run's whole vocabulary, in the shards' order, and their sum is the reference's."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 6)
+    shards = [read_annotations(p) for p in paths]
+    seen = set(shards[0].labels.to_pylist())
+    for shard in shards[1:]:  # every shard brings new labels
+        assert set(shard.labels.to_pylist()) - seen
+        seen |= set(shard.labels.to_pylist())
+    if widen:
+        monkeypatch.setattr(cooccurrence, "_INT32_EXAMPLES", shards[2 if grow else 1].n_examples)
+    run = "test-run"
+    try:
+        cooccurrence._RUN_VOCABULARIES.get(run).locate([s.labels for s in ([shards[0], shards[2]] if grow else shards)])
+        first, _ = count_batch(paths[:1], run=run)
+        second, _ = count_batch(paths[1:], run=run)
+        labels = cooccurrence._RUN_VOCABULARIES.get(run).labels
+    finally:
+        cooccurrence._forget_run_vocabulary(run)
+    assert labels.tolist() == sorted(seen) and second.labels is labels
+    assert (first.labels is labels) is not grow  # the same array while the vocabulary does not grow
+    assert [e["path"] for e in second.manifest.values()] == [str(p) for p in paths[1:]]
+    assert second.pairs.dtype == (np.int64 if widen else np.int32) and second.pairs.has_canonical_format
+    expected = count_shards(paths[1:]).counts.reindex(labels)  # the first batch's labels with zero counts
+    assert second.n_examples == expected.n_examples and second.manifest.keys() == expected.manifest.keys()
+    np.testing.assert_array_equal(second.label_counts, expected.label_counts)
+    assert (second.pairs != expected.pairs).nnz == 0
+    assert_matches_reference(first.merge(second, sorted_union=True), paths)
 
 
 def test_the_same_shard_twice_in_a_batch_is_refused(bibtex_dir, tmp_path):

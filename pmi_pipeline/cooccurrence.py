@@ -728,7 +728,7 @@ def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None
 
 
 #: Shards with labels the vocabulary lacks that a count task holds at most before it grows the vocabulary for
-#: them: bounds what a run's first tasks hold (about one 4 MiB batch) however large a batch is.
+#: them: bounds what a run's first tasks hold (about 4 MiB of Parquet) however large a batch is.
 WAITING_SHARDS = 8
 
 
@@ -816,9 +816,11 @@ _LIBC: Any = None
 
 
 #: Parquet bytes one count task reads at most: the shards of a batch share one vocabulary and one pass over their
-#: pairs, so the costs of a task and of a merge are paid per batch, not per shard. Bounds a task's working
-#: memory (measured for 9 synthetic shards, 2.2 million annotations in all: 40 MiB added to the RSS at 10^3
-#: labels, 126 MiB at 10^5; bench/batch_memory.py, docs/performance.md, eighth pass).
+#: pairs, so the costs of a task and of a merge are paid per batch, not per shard. A task holds one shard at a
+#: time once its run's vocabulary holds its labels (:func:`_count_consumed`), so what grows with the batch is
+#: its counter's pairs (at 10^5 labels) and its shards' example-id fingerprints (8 bytes per example). 8 MiB
+#: against 4: 11% faster at 10^3 labels, as fast at 10^5, the same tree peak; 16 MiB cost 30 MiB more of it
+#: (docs/performance.md, tenth pass).
 BATCH_BYTES = 8 << 20
 #: Batches per worker thread at least, while there are shards enough, so that every worker stays busy to the end.
 BATCHES_PER_SLOT = 4

@@ -580,13 +580,9 @@ class _Vocabulary:
     def locate(self, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The labels (object array, sorted; the same array until it grows), grown by those of ``dictionaries``
         it lacked, and where each dictionary's labels are in them."""
-        splits = np.cumsum([len(d) for d in dictionaries])[:-1]
-        known = self._known
-        if known is not None:
-            both = pa.concat_arrays([_arrow_strings(d) for d in dictionaries])
-            found = pc.index_in(both, value_set=known[1])
-            if found.null_count == 0:
-                return known[0], np.split(found.to_numpy().astype(np.int64), splits)
+        found = self.find(pa.concat_arrays([_arrow_strings(d) for d in dictionaries]))
+        if found is not None:
+            return found[0], np.split(found[1], np.cumsum([len(d) for d in dictionaries])[:-1])
         with self._lock:  # tasks of one run in threads of one worker: the vocabulary grows one task at a time
             known = self._known
             before = [known[1]] if known is not None else []
@@ -618,10 +614,6 @@ class _RunVocabularies:
             while len(self._runs) > self.KEEP:
                 self._runs.popitem(last=False)
             return vocabulary
-
-    def positions(self, run: str, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """:meth:`_Vocabulary.locate` in the run's vocabulary."""
-        return self.get(run).locate(dictionaries)
 
     def forget(self, run: str) -> None:
         with self._lock:

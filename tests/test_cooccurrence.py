@@ -268,7 +268,7 @@ def test_a_run_vocabulary_grows_sorted_and_locates_every_label(seed):
         pool = names[: 60 + 20 * step] if step < 8 else names  # new labels come early, then none
         dictionaries = [pa.array(rng.choice(pool, size=int(rng.integers(1, 40)), replace=False).tolist())]
         dictionaries.append(pa.array(rng.choice(pool, size=5, replace=False).tolist(), pa.large_string()))
-        labels, positions = vocabularies.positions("run", dictionaries)
+        labels, positions = vocabularies.get("run").locate(dictionaries)
         seen |= {x for d in dictionaries for x in d.to_pylist()}
         assert labels.tolist() == sorted(seen)
         for d, position in zip(dictionaries, positions, strict=True):
@@ -276,10 +276,10 @@ def test_a_run_vocabulary_grows_sorted_and_locates_every_label(seed):
         if previous is not None and len(previous) == len(labels):
             assert labels is previous
         previous = labels
-    other, _ = vocabularies.positions("other run", [pa.array(["zz"])])
-    assert other.tolist() == ["zz"] and vocabularies.positions("run", [pa.array(["zz"])])[0].tolist()[-1] == "zz"
+    other, _ = vocabularies.get("other run").locate([pa.array(["zz"])])
+    assert other.tolist() == ["zz"] and vocabularies.get("run").locate([pa.array(["zz"])])[0].tolist()[-1] == "zz"
     for run in range(cooccurrence._RunVocabularies.KEEP + 2):
-        vocabularies.positions(f"run {run}", [pa.array(["a"])])
+        vocabularies.get(f"run {run}").locate([pa.array(["a"])])
     assert len(vocabularies._runs) == cooccurrence._RunVocabularies.KEEP
     vocabularies.forget(f"run {cooccurrence._RunVocabularies.KEEP + 1}")
     assert f"run {cooccurrence._RunVocabularies.KEEP + 1}" not in vocabularies._runs

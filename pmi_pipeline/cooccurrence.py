@@ -31,7 +31,15 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from pmi_pipeline.errors import ShardError
-from pmi_pipeline.example_ids import ExampleIndex, FingerprintFiles, Repeat, find_repeats, hash_example_ids
+from pmi_pipeline.example_ids import (
+    ExampleIndex,
+    FingerprintFiles,
+    FingerprintWriter,
+    Repeat,
+    StoredFingerprints,
+    find_repeats,
+    hash_example_ids,
+)
 from pmi_pipeline.faults import fault_point
 from pmi_pipeline.shards import (
     ID_COLUMN,
@@ -297,12 +305,13 @@ PAIR_BLOCK = 1 << 21
 #: labels, one vector operation per position pair (i, j), i < j, over all of them. Larger ones (rare, with up to
 #: ``L * (L - 1) / 2`` position pairs each) go through :func:`_general_pair_counts`.
 SMALL_EXAMPLE = 32
-#: Pair matrices of up to this many cells (``m * m``; 8 bytes each) are counted with a histogram rather than by
-#: sorting keys: twice as fast where labels are few.
+#: Pair matrices of up to this many cells (``m * m``; 4 or 8 bytes each) are summed in a histogram rather than
+#: as sparse parts added at the end: twice as fast where labels are few.
 DENSE_CELLS = 1 << 22
-#: Keys counted at once into the histogram: ``np.bincount`` costs a pass over the ``m * m`` cells per call, but
-#: also an int64 copy of the keys and an int64 histogram of its own, so a smaller block than :data:`PAIR_BLOCK`
-#: keeps a count task's working memory down (docs/performance.md, eighth pass).
+#: Keys counted at once into the histogram: a smaller block than :data:`PAIR_BLOCK` keeps a count task's
+#: working memory down (docs/performance.md, eighth pass). Each block is sorted in place and its distinct keys'
+#: counts added to their cells: ``np.bincount`` made an int64 copy of the keys and an int64 histogram of all
+#: ``m * m`` cells at each call, 12 MiB at 10^3 labels, and was slower (eleventh pass).
 DENSE_BLOCK = 1 << 19
 
 
@@ -387,8 +396,8 @@ class PairCounter:
 
 
 class _KeyCounter:
-    """Counts of pair keys ``a * m + b`` written into a buffer of ``block`` keys, counted each time it fills:
-    into one histogram where ``m * m`` is at most :data:`DENSE_CELLS`, else by sorting into sparse parts."""
+    """Counts of pair keys ``a * m + b`` written into a buffer of ``block`` keys, counted each time it fills by
+    sorting it: into one histogram where ``m * m`` is at most :data:`DENSE_CELLS`, else into sparse parts."""
 
     def __init__(self, m: int, block: int, max_count: int = 2**63 - 1):
         self.m = m
@@ -417,14 +426,11 @@ class _KeyCounter:
         self.filled = 0
         if not keys.size:
             return
-        if self.dense:
-            if 16 * keys.size < self.histogram.size:  # few keys: no pass over every cell
-                np.add.at(self.histogram, keys, 1)
-            else:
-                self.histogram += np.bincount(keys, minlength=self.histogram.size)
-            return
         keys.sort()
         distinct, counts = _distinct_counts(keys, self.counts)
+        if self.dense:
+            self.histogram[distinct] += counts
+            return
         self.add_matrix(_keys_to_csr(distinct.astype(np.int64, copy=False), counts, self.m))
 
     def add_matrix(self, pairs: sp.csr_matrix) -> None:
@@ -755,22 +761,31 @@ def count_shard_with_ids(path: str | Path, expected_sha256: str | None = None) -
     return counts_from_annotations(ann), ann.example_ids
 
 
-#: Outcome of one shard of a batch: its content hash and example-id fingerprints, or why it was rejected.
-ShardOutcome = tuple[str, np.ndarray] | ShardError
+#: Outcome of one shard of a batch: its content hash and example-id fingerprints (or where the task wrote them),
+#: or why it was rejected.
+ShardOutcome = tuple[str, np.ndarray | StoredFingerprints] | ShardError
 
 
 def count_batch(
-    paths: Sequence[str | Path], expected_hashes: Sequence[str | None] | None = None, *, run: str | None = None
+    paths: Sequence[str | Path],
+    expected_hashes: Sequence[str | None] | None = None,
+    *,
+    run: str | None = None,
+    fingerprints_to: str | None = None,
 ) -> tuple[Counts, list[ShardOutcome]]:
     """Validate several shards and count the valid ones as one, reading each as it is counted
     (:func:`_count_consumed`; with a ``run``, over that count run's vocabulary in this process,
     :class:`_RunVocabularies`).
 
     Each shard is validated on its own: a bad one is returned as its :class:`ShardError` (returned, not raised,
-    so that it costs neither the other shards of the batch nor the other tasks) and contributes nothing.
+    so that it costs neither the other shards of the batch nor the other tasks) and contributes nothing. A valid
+    one's fingerprints are written to a file in ``fingerprints_to`` as it is read, where this process can reach
+    that directory (:class:`~pmi_pipeline.example_ids.FingerprintWriter`), else returned with its outcome.
     """
     expected = list(expected_hashes) if expected_hashes is not None else [None] * len(paths)
     outcomes: list[ShardOutcome] = []
+    # A worker on another machine does not see the client's directory (a random name made for this count).
+    writer = FingerprintWriter(fingerprints_to) if fingerprints_to and os.path.isdir(fingerprints_to) else None
 
     def read() -> Iterator[ShardCodes]:
         for path, sha in zip(paths, expected, strict=True):
@@ -779,12 +794,16 @@ def count_batch(
             except ShardError as exc:
                 outcomes.append(exc)
                 continue
-            outcomes.append((shard.sha256, shard.example_ids))
+            outcomes.append((shard.sha256, writer.write(shard.example_ids) if writer else shard.example_ids))
             yield shard
             del shard  # counted: the next shard is read without it
 
     vocabulary = _RUN_VOCABULARIES.get(run) if run is not None else None
-    counts = _count_consumed(read(), vocabulary)  # one shard read and held at a time
+    try:
+        counts = _count_consumed(read(), vocabulary)  # one shard read and held at a time
+    finally:
+        if writer is not None:
+            writer.close()
     _release_free_heap()
     return counts, outcomes
 
@@ -933,11 +952,17 @@ def count_shards(
             fault_point("count:shard-done")
             if progress:
                 progress(done, total)
+        fingerprints.release(o[1] for o in outcomes if not isinstance(o, ShardError))
 
     if client is None:
         try:
             for batch in batches:
-                counts, outcomes = count_batch([paths[i] for i in batch], [expected[i] for i in batch], run=run)
+                counts, outcomes = count_batch(
+                    [paths[i] for i in batch],
+                    [expected[i] for i in batch],
+                    run=run,
+                    fingerprints_to=fingerprints.directory,
+                )
                 if counts.manifest:
                     sums.add(counts, None)
                 finished(batch, outcomes)
@@ -952,6 +977,7 @@ def count_shards(
                 [paths[i] for i in batch],
                 [expected[i] for i in batch],
                 run=run,
+                fingerprints_to=fingerprints.directory,
                 pure=False,
                 key=f"count-batch-{run}-{b}",
             )
@@ -981,6 +1007,7 @@ def count_shards(
         del futures
         # Every count task is done. (After an error, the workers forget the vocabulary as other runs come.)
         client.run(_forget_run_vocabulary, run, on_error="ignore")
+    fingerprints.close_directory()  # every count task is done
     total = sums.total()  # the last merges run on the workers while this process checks for repeats below
 
     counts = None

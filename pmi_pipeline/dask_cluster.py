@@ -21,10 +21,15 @@ log = logging.getLogger(__name__)
 #: free, and the next shard's arrays page-faulted it in again: 2-worker counts of 10^8 annotations over 10^3
 #: labels took 4.56 s against 3.69 s (medians, bench/count_ab.py; no difference at 10^5 labels; docs/performance.md,
 #: eighth pass). A count task still hands its freed heap back once per batch (``cooccurrence._release_free_heap``).
+#: And one malloc arena: a worker's threads (the task's, its event loop's, Arrow's decoders) each took an arena of
+#: their own, each keeping its freed memory; with one, the tree's peak counting 10^8 annotations over 10^3 labels
+#: went from 538-541 to 499-508 MiB at the same speed (bench/batch_bytes.py, bench/count_ab.py;
+#: docs/performance.md, eleventh pass).
 #: For workers started by ``dask worker``, set the same in their environment (docs/scale-out.md).
 WORKER_MALLOC = {
     "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 << 20,
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 32 << 20,
+    "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1,
 }
 #: pyarrow's default allocator (mimalloc) keeps the pages a count task's Parquet reads freed, for reuse: a worker
 #: counting 10^8 annotations over 10^3 labels peaked at 257-267 MiB with it and 228-232 MiB with glibc's

@@ -9,11 +9,16 @@ match is about 3e-4, and a reported repeat is confirmed on the actual id strings
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -108,38 +113,114 @@ RANGE_FINGERPRINTS = 1 << 20
 MAX_RANGES = 256
 
 
+@dataclass(frozen=True)
+class StoredFingerprints:
+    """A shard's sorted fingerprints as a count task wrote them (:class:`FingerprintWriter`): where they are, and
+    their range bounds (``_range_bounds`` with :data:`MAX_RANGES`; the last is how many there are)."""
+
+    path: str
+    offset: int  # bytes
+    bounds: np.ndarray
+
+
+class FingerprintWriter:
+    """Writes the fingerprints of a count task's shards, each as soon as its shard is read, to a new file in a
+    directory of :class:`FingerprintFiles` (``FingerprintFiles.directory``) that the task's process can reach.
+
+    Returned with the task's outcomes instead, a batch's fingerprints (8 bytes per example: 7 MiB for a batch of
+    8 MiB of Parquet) were held by the worker until the batch ended and the client fetched them, a second batch's
+    often with them: 13 MiB of a worker's peak at 10^8 annotations (docs/performance.md, eleventh pass)."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, f"task-{uuid.uuid4().hex}.u64")
+        self._file: Any = None
+        self._end = 0
+
+    def write(self, hashes: np.ndarray) -> StoredFingerprints:
+        hashes = np.ascontiguousarray(hashes, np.uint64)
+        if self._file is None:
+            self._file = open(self.path, "xb")  # closed by close(), once the task's shards are done
+        self._file.write(hashes.data)
+        stored = StoredFingerprints(self.path, self._end, _range_bounds(hashes, MAX_RANGES))
+        self._end += hashes.nbytes
+        return stored
+
+    def close(self) -> None:
+        """Flush and close (before the task returns: the client reads the file once it has the outcomes)."""
+        if self._file is not None:
+            self._file.close()
+
+
 class FingerprintFiles(Mapping[str, np.ndarray]):
     """Shards' sorted fingerprints, appended to one temporary file, readable one fingerprint range at a time.
 
     Counting 10^8 annotations gathers fingerprints of 2 x 10^7 examples (160 MB); kept here, what the counting
     process holds stays flat however many examples there are, and :func:`find_repeats` reads one range of every
     shard at a time (one ``pread`` each on the open file: opening a file per read cost as much as the check's
-    sorting). The file (in ``TMPDIR``: 8 bytes per example) goes with the object.
+    sorting). The file (in ``TMPDIR``: 8 bytes per example) goes with the object. Count tasks that can reach
+    :attr:`directory` (a LocalCluster's workers: the same machine) write their shards' fingerprints there
+    (:class:`FingerprintWriter`), and :meth:`add` copies them into the file in the kernel and removes the task's
+    file: they never pass through the worker's results nor this process's memory.
     """
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile(prefix="pmi-pipeline-ids-")
         self._end = 0
         self._shards: dict[str, tuple[int, np.ndarray]] = {}  # key -> where its fingerprints start, range bounds
+        self.directory = tempfile.mkdtemp(prefix="pmi-pipeline-ids-")
+        # the count tasks' files that are left (a task that failed, or was run twice): removed with the object
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
 
-    def add(self, key: str, hashes: np.ndarray) -> None:
-        """Keep a shard's fingerprints (sorted, distinct) under ``key``."""
+    def add(self, key: str, hashes: np.ndarray | StoredFingerprints) -> None:
+        """Keep a shard's fingerprints (sorted, distinct) under ``key``: an array, or where a count task wrote
+        them (that task's file is removed by :meth:`release`)."""
         if key in self._shards:
             raise ValueError(f"shard counted twice: {key}")
-        hashes = np.ascontiguousarray(hashes, np.uint64)
-        os.pwrite(self._file.fileno(), hashes.data, self._end)
-        self._shards[key] = (self._end, _range_bounds(hashes, MAX_RANGES))
-        self._end += hashes.nbytes
+        if isinstance(hashes, StoredFingerprints):
+            bounds, nbytes = hashes.bounds, 8 * int(hashes.bounds[-1])
+            with open(hashes.path, "rb") as source:
+                _copy_bytes(source.fileno(), hashes.offset, self._file.fileno(), self._end, nbytes)
+        else:
+            hashes = np.ascontiguousarray(hashes, np.uint64)
+            os.pwrite(self._file.fileno(), hashes.data, self._end)
+            bounds, nbytes = _range_bounds(hashes, MAX_RANGES), hashes.nbytes
+        self._shards[key] = (self._end, bounds)
+        self._end += nbytes
 
-    def range(self, key: str, r: int, n_ranges: int) -> np.ndarray:
-        """The fingerprints of ``key`` in range ``r`` of ``n_ranges`` equal ones (a power of 2)."""
+    def close_directory(self) -> None:
+        """Remove :attr:`directory` and whatever count tasks left in it: once no task of the count can write."""
+        self._cleanup()
+
+    def release(self, stored: Iterable[np.ndarray | StoredFingerprints]) -> None:
+        """Remove the files of count tasks whose fingerprints were added (a no-op for arrays)."""
+        for path in {s.path for s in stored if isinstance(s, StoredFingerprints)}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def range(self, key: str, r: int, n_ranges: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The fingerprints of ``key`` in range ``r`` of ``n_ranges`` equal ones (a power of 2), read into ``out``
+        if given (of :meth:`range_size`)."""
         start, bounds = self._shards[key]
         step = MAX_RANGES // n_ranges
-        return self._read(start, int(bounds[r * step]), int(bounds[(r + 1) * step]))
+        return self._read(start, int(bounds[r * step]), int(bounds[(r + 1) * step]), out)
 
-    def _read(self, start: int, lo: int, hi: int) -> np.ndarray:
-        data = os.pread(self._file.fileno(), 8 * (hi - lo), start + 8 * lo)
-        return np.frombuffer(data, np.uint64).copy() if data else np.empty(0, np.uint64)
+    def range_size(self, key: str, r: int, n_ranges: int) -> int:
+        """How many fingerprints of ``key`` are in range ``r`` of ``n_ranges``."""
+        bounds = self._shards[key][1]
+        step = MAX_RANGES // n_ranges
+        return int(bounds[(r + 1) * step] - bounds[r * step])
+
+    def _read(self, start: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(hi - lo, np.uint64) if out is None else out
+        if out.size != hi - lo:
+            raise ValueError(f"{out.size} places to read {hi - lo} fingerprints into")
+        view, at = memoryview(out).cast("B"), start + 8 * lo
+        while view.nbytes:  # straight into the array: no bytes object, no copy
+            n = os.preadv(self._file.fileno(), [view], at)
+            if n <= 0:
+                raise OSError(f"fingerprint file ended early: {view.nbytes} bytes short")
+            view, at = view[n:], at + n
+        return out
 
     @property
     def n_fingerprints(self) -> int:
@@ -157,6 +238,18 @@ class FingerprintFiles(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._shards)
+
+
+def _copy_bytes(source: int, at: int, target: int, to: int, n: int) -> None:
+    """Copy ``n`` bytes between open files, in the kernel where it can (``copy_file_range``)."""
+    while n > 0:
+        try:
+            copied = os.copy_file_range(source, target, n, at, to)
+        except (AttributeError, OSError):  # not Linux, or a file system that cannot: through this process
+            copied = os.pwrite(target, os.pread(source, min(n, 1 << 20), at), to)
+        if copied <= 0:
+            raise OSError(f"fingerprint file ended early: {n} bytes short")
+        at, to, n = at + copied, to + copied, n - copied
 
 
 def _range_bounds(hashes: np.ndarray, n_ranges: int) -> np.ndarray:
@@ -194,8 +287,11 @@ def find_repeats(
         keys = list(order if order is not None else files)
         n_ranges = n_ranges or _n_ranges(len(index) + files.n_fingerprints)
 
-        def read(key: str, r: int) -> np.ndarray:
-            return files.range(key, r, n_ranges)
+        def size(key: str, r: int) -> int:
+            return files.range_size(key, r, n_ranges)
+
+        def read(key: str, r: int, out: np.ndarray | None = None) -> np.ndarray:
+            return files.range(key, r, n_ranges, out)
 
     else:
         keys = [key for key, _ in new]
@@ -203,15 +299,30 @@ def find_repeats(
         n_ranges = n_ranges or _n_ranges(len(index) + sum(a.size for a in arrays.values()))
         bounds = {key: _range_bounds(h, n_ranges) for key, h in arrays.items()}
 
-        def read(key: str, r: int) -> np.ndarray:
-            return arrays[key][bounds[key][r] : bounds[key][r + 1]]
+        def size(key: str, r: int) -> int:
+            return int(bounds[key][r + 1] - bounds[key][r])
+
+        def read(key: str, r: int, out: np.ndarray | None = None) -> np.ndarray:
+            part = arrays[key][bounds[key][r] : bounds[key][r + 1]]
+            if out is None:
+                return part
+            out[...] = part
+            return out
 
     if not keys:
         return []
     stored = _range_bounds(index.hashes, n_ranges)
 
     def conflicts(r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _conflicts([index.hashes[stored[r] : stored[r + 1]], *(read(key, r) for key in keys)])
+        # Every shard's part of the range read into one array, sorted in place: the range is held once. Which
+        # shards hold a repeated fingerprint is found by reading their parts again, only where there is one.
+        known = index.hashes[stored[r] : stored[r + 1]]
+        ends = np.cumsum([known.size, *(size(key, r) for key in keys)])
+        everything = np.empty(int(ends[-1]), np.uint64)
+        everything[: known.size] = known
+        for key, lo, hi in zip(keys, ends[:-1].tolist(), ends[1:].tolist(), strict=True):
+            read(key, r, everything[lo:hi])
+        return _conflicts(everything, lambda: [known, *(read(key, r) for key in keys)])
 
     # Ranges on threads (reads and sorts release the GIL): the check runs once the count tasks are done, when the
     # workers have only the last merges left.
@@ -242,17 +353,19 @@ def find_repeats(
     return repeats
 
 
-def _conflicts(owners: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _conflicts(
+    everything: np.ndarray, owners: Callable[[], Sequence[np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every (earlier owner, later owner, fingerprint) for fingerprints in more than one of the sorted arrays
-    (distinct within each); owners are numbered from -1 (the first array: the stored index)."""
-    everything = np.concatenate(owners)
+    (distinct within each) that ``owners()`` returns, ``everything`` being their concatenation (sorted here, in
+    place); owners are numbered from -1 (the first array: the stored index)."""
     everything.sort()  # values only, in place: several times faster than argsort, no second copy
     repeated = np.unique(everything[1:][everything[1:] == everything[:-1]])
     none = np.empty(0, np.int64)
     if repeated.size == 0:
         return none, none, np.empty(0, np.uint64)
     members: list[list[int]] = [[] for _ in range(repeated.size)]
-    for owner, hashes in enumerate(owners, start=-1):
+    for owner, hashes in enumerate(owners(), start=-1):
         if not hashes.size:
             continue
         at = np.minimum(np.searchsorted(hashes, repeated), hashes.size - 1)

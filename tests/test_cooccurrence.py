@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import weakref
 
 import numpy as np
@@ -25,6 +26,7 @@ from pmi_pipeline.cooccurrence import (
     upper_pair_counts,
 )
 from pmi_pipeline.errors import ShardError
+from pmi_pipeline.example_ids import FingerprintFiles, StoredFingerprints
 from pmi_pipeline.shards import discover_shards, read_annotations, read_shard_codes, write_annotation_shard
 
 
@@ -407,6 +409,57 @@ def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, eur
     assert [e["path"] for e in counts.manifest.values()] == [str(p) for p in paths]  # in the batch's order
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_count_task_writes_each_shards_fingerprints_as_it_reads_it(reachable, eurlex_dir, tmp_path, monkeypatch):
+    """Given a directory it can reach, count_batch writes each shard's example-id fingerprints there once the
+    shard is read, and holds none of them until the batch ends (docs/performance.md, eleventh pass);
+    FingerprintFiles takes them from there and removes the task's file. Where the directory is not there (a
+    worker on another machine than the client's), they come back with the outcomes, as arrays."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 5)
+    read, fingerprints, held = cooccurrence.read_shard_codes, [], []
+
+    def read_and_watch(path, **kwargs):
+        gc.collect()
+        held.append(sum(ids() is not None for ids in fingerprints))  # earlier shards' fingerprints, still alive
+        shard = read(path, **kwargs)
+        fingerprints.append(weakref.ref(shard.example_ids))
+        return shard
+
+    files, run = FingerprintFiles(), "test-run"
+    to = files.directory if reachable else str(tmp_path / "elsewhere")
+    try:  # the run has met the batch's labels: no shard waits for its vocabulary to grow (held with its ids)
+        cooccurrence._RUN_VOCABULARIES.get(run).locate([read_annotations(p).labels for p in paths])
+        monkeypatch.setattr(cooccurrence, "read_shard_codes", read_and_watch)
+        counts, outcomes = count_batch(paths, run=run, fingerprints_to=to)
+    finally:
+        cooccurrence._forget_run_vocabulary(run)
+        monkeypatch.undo()
+    assert held == ([0] * len(paths) if reachable else list(range(len(paths))))
+    kinds = {type(ids) for _, ids in outcomes}
+    assert kinds == ({StoredFingerprints} if reachable else {np.ndarray})
+    for sha, ids in outcomes:
+        files.add(sha, ids)
+    files.release(ids for _, ids in outcomes)
+    assert os.listdir(files.directory) == []
+    for path, (sha, _) in zip(paths, outcomes, strict=True):
+        np.testing.assert_array_equal(files[sha], read_shard_codes(path).example_ids)
+    assert_matches_reference(counts, paths)
+
+
+def test_counts_take_every_shards_fingerprints_on_a_cluster(eurlex_dir, tmp_path, dask_clients):
+    """The example ids a count hands on (for the store's index and the repeat check) are every counted shard's,
+    in process and from a LocalCluster's workers, which write them where the client reads them; the directory
+    for them is gone once the count is."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 6)
+    expected = {s.sha256: s.example_ids for s in map(read_shard_codes, paths)}
+    for client in (None, dask_clients[2]):
+        result = count_shards(paths, client, batch_bytes=1)
+        assert sorted(result.example_ids) == sorted(expected)
+        for sha, ids in expected.items():
+            np.testing.assert_array_equal(result.example_ids[sha], ids)
+        assert not os.path.exists(result.example_ids.directory)
+
+
 @pytest.mark.parametrize("widen", [False, True])
 @pytest.mark.parametrize("grow", [True, False])
 def test_a_batch_counts_the_same_as_the_run_vocabulary_grows_or_its_counts_widen(
@@ -467,11 +520,12 @@ def test_batches_are_consecutive_capped_and_enough_for_every_worker(sizes, slots
             assert sum(sizes[i] for i in b) + sizes[nxt[0]] > target
 
 
-@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
+@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"])
 def test_local_workers_get_the_malloc_settings(dask_clients, name):
     """Workers of our LocalCluster allocate large arrays from the heap and keep what they free for the next shard
     (dask_cluster.WORKER_MALLOC): with Dask's nanny settings, counting was 1.16x slower (bench/worker_malloc.py),
-    and 2-worker counts at 10^3 labels 1.24x slower again (docs/performance.md, eighth pass)."""
+    and 2-worker counts at 10^3 labels 1.24x slower again (docs/performance.md, eighth pass). One arena for all
+    of a worker's threads: 7% off the tree's peak at 10^8 annotations (eleventh pass)."""
     import os
 
     from pmi_pipeline.dask_cluster import WORKER_MALLOC

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +13,13 @@ from hypothesis import strategies as st
 
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.embed import EmbedParams, embed
-from pmi_pipeline.example_ids import ExampleIndex, FingerprintFiles, find_repeats, hash_example_ids
+from pmi_pipeline.example_ids import (
+    ExampleIndex,
+    FingerprintFiles,
+    FingerprintWriter,
+    find_repeats,
+    hash_example_ids,
+)
 from pmi_pipeline.shards import discover_shards, write_annotation_shard
 from pmi_pipeline.store import EmbeddingStore
 
@@ -115,17 +123,38 @@ def test_find_repeats_matches_the_reference(stored, shards):
             assert r.fingerprint in owner[r.shard] and r.fingerprint in owner[r.other]
 
 
-def test_fingerprint_files_read_back_whole_and_by_range():
+@pytest.mark.parametrize("written", [False, True])
+def test_fingerprint_files_read_back_whole_and_by_range(written):
+    """Fingerprints added as arrays, or as a count task wrote them to its file in the files' directory
+    (``written``): that file is removed once they are added, and the directory with :meth:`close_directory`."""
     rng = np.random.default_rng(0)
     hashes = np.unique(rng.integers(0, 2**64 - 1, 10_000, dtype=np.uint64, endpoint=True))
     hashes[-1] = np.uint64(2**64 - 1)  # the largest fingerprint falls in the last range
     files = FingerprintFiles()
-    files.add("a", hashes)
-    files.add("empty", np.empty(0, np.uint64))
+    files.add("before", hashes[:3])  # the files' own bytes come first: what is copied in goes after them
+    parts = [hashes, np.empty(0, np.uint64)]
+    if written:
+        writer = FingerprintWriter(files.directory)
+        parts = [writer.write(part) for part in parts]
+        writer.close()
+        assert [p.offset for p in parts] == [0, hashes.nbytes] and os.listdir(files.directory) == [
+            os.path.basename(writer.path)
+        ]
+    files.add("a", parts[0])
+    files.add("empty", parts[1])
+    files.release(parts)
+    assert os.listdir(files.directory) == []
+    files.discard("before")
     np.testing.assert_array_equal(files["a"], hashes)
     for n in (1, 16, 256):
         parts = [files.range("a", r, n) for r in range(n)]
         np.testing.assert_array_equal(np.concatenate(parts), hashes)
+        into = np.zeros(hashes.size + 2, np.uint64)  # read into a slice of a larger array, as find_repeats does
+        at = np.cumsum([1] + [files.range_size("a", r, n) for r in range(n)])
+        for r in range(n):
+            files.range("a", r, n, into[at[r] : at[r + 1]])
+        np.testing.assert_array_equal(into[1:-1], hashes)
+        assert into[0] == 0 and into[-1] == 0
         assert all(p.size == 0 or p[0] >> np.uint64(64 - n.bit_length() + 1) == r for r, p in enumerate(parts[1:], 1))
         assert all(files.range("empty", r, n).size == 0 for r in range(n))
     assert sorted(files) == ["a", "empty"] and len(files) == 2 and files.n_fingerprints == hashes.size
@@ -133,6 +162,8 @@ def test_fingerprint_files_read_back_whole_and_by_range():
         files.add("a", hashes)
     files.discard("a")
     assert "a" not in files and len(files) == 1
+    files.close_directory()
+    assert not os.path.exists(files.directory)
 
 
 def _shard(path, ids, labels):

@@ -914,11 +914,12 @@ def count_shards(
     each batch is a task, and batches are summed as they finish by merge tasks on the workers (a binary counter:
     at most one partial sum per size class waits), so worker memory holds a few partial sums and never every
     batch's counts. Each worker sums the batches it counted (:class:`_WorkerSums`); the last merges are split
-    by label range, one range per worker, so that partial sums move between workers only there, and only the
-    rows of the other workers' ranges. Only the final counts (one range at a time) and the example-id
-    fingerprints (8 bytes per example) travel back. Without a client, batches are counted and summed one after
-    another in this process. ``progress(done, total)`` is called as shards finish. ``batch_bytes`` caps the
-    Parquet bytes of a batch, and so a task's memory.
+    by label range, one range of each worker's sum per worker, so that partial sums move between workers only
+    there, and only the rows of the other workers' ranges. Only the final counts (one range at a time) travel
+    back, and the example-id fingerprints (8 bytes per example) where the workers cannot write them where this
+    process reads them (:class:`~pmi_pipeline.example_ids.FingerprintWriter`). Without a client, batches are
+    counted and summed one after another in this process. ``progress(done, total)`` is called as shards finish.
+    ``batch_bytes`` caps the Parquet bytes of a batch, and so a task's memory.
 
     ``expected_hashes`` (one per path: the hash it was listed with) rejects a shard that changed since. A shard
     that repeats an example id of ``index`` (the store's counted examples) or of an earlier path is rejected too;
@@ -1096,9 +1097,9 @@ class _WorkerSums:
     other workers (5.8 s of transfers in a 40 s count of 10^8 annotations over 10^5 labels; 1.9 s so, in
     docs/performance.md) and most merging fell to one worker; here each worker folds its own.
 
-    The last merges are tiled by label range (:func:`_tiled_total`): with several workers, every worker's partial
-    sums are cut into one row range per worker and each range is summed on its own worker, so that no worker
-    merges the whole sum while the others wait."""
+    The last merges are tiled by label range (:func:`_tiled_total`): with several workers, each worker's sum is
+    cut into one row range per worker and each range is summed on its own worker, so that no worker merges the
+    whole sum while the others wait."""
 
     def __init__(self, client: Client | None):
         self.client = client
@@ -1119,18 +1120,20 @@ class _WorkerSums:
 
 
 def _tiled_total(client: Client, sums: Mapping[str | None, _RunningSum]) -> _Tiles:
-    """Every partial sum of ``sums`` cut into one label range of rows per worker, each range summed on its
-    worker (a :class:`_RunningSum` of its own there). The cuts come from the largest partial sum, as labels that
-    split its pairs evenly; a task works them out on the worker that holds it."""
-    workers = list(sums)
-    parts = [(worker, counts, level) for worker in workers for level, counts in sums[worker].stack]
-    holder, largest, _ = max(parts, key=lambda part: part[2])
-    cuts = client.submit(_row_cuts, largest, len(workers), pure=False, priority=1, **_near(holder))
+    """Each worker's sum (its partial sums merged on it) cut into one label range of rows per worker, each range
+    summed on its worker (a :class:`_RunningSum` of its own there). The cuts come from one worker's sum, as labels
+    that split its pairs evenly; a task works them out on that worker.
+
+    Cutting every partial sum each worker still held, and summing each range's pieces there, merged more: the
+    same counts took 9.64 s against 9.11 s so at 10^5 labels (docs/performance.md, eleventh pass)."""
+    totals = {worker: running.total() for worker, running in sums.items()}
+    first = next(iter(totals))
+    cuts = client.submit(_row_cuts, totals[first], len(totals), pure=False, priority=1, **_near(first))
     tiles = []
-    for r, worker in enumerate(workers):
+    for r, worker in enumerate(totals):
         running = _RunningSum(client, worker, merge=_merge_tile)
-        for where, counts, _ in parts:
-            running.add(client.submit(_tile, counts, cuts, r, pure=False, priority=1, **_near(where)))
+        for where, total in totals.items():
+            running.add(client.submit(_tile, total, cuts, r, pure=False, priority=1, **_near(where)))
         tiles.append(running.total())
     return _Tiles(tiles, cuts)
 

@@ -787,6 +787,17 @@ def count_batch(
     # A worker on another machine does not see the client's directory (a random name made for this count).
     writer = FingerprintWriter(fingerprints_to) if fingerprints_to and os.path.isdir(fingerprints_to) else None
 
+    def fingerprints(ids: np.ndarray) -> np.ndarray | StoredFingerprints:
+        nonlocal writer
+        if writer is not None:
+            try:
+                return writer.write(ids)
+            except OSError as exc:  # not ours to write to (another user's worker), or a full disk: send them
+                log.warning("cannot write example-id fingerprints to %s (%s): sending them instead", writer.path, exc)
+                writer.close()
+                writer = None
+        return ids
+
     def read() -> Iterator[ShardCodes]:
         for path, sha in zip(paths, expected, strict=True):
             try:
@@ -794,7 +805,7 @@ def count_batch(
             except ShardError as exc:
                 outcomes.append(exc)
                 continue
-            outcomes.append((shard.sha256, writer.write(shard.example_ids) if writer else shard.example_ids))
+            outcomes.append((shard.sha256, fingerprints(shard.example_ids)))
             yield shard
             del shard  # counted: the next shard is read without it
 

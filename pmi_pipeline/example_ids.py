@@ -148,7 +148,8 @@ class FingerprintWriter:
     def close(self) -> None:
         """Flush and close (before the task returns: the client reads the file once it has the outcomes)."""
         if self._file is not None:
-            self._file.close()
+            self._file, file = None, self._file
+            file.close()
 
 
 class FingerprintFiles(Mapping[str, np.ndarray]):

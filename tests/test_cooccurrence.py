@@ -410,6 +410,19 @@ def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, eur
     assert [e["path"] for e in counts.manifest.values()] == [str(p) for p in paths]  # in the batch's order
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a directory no one can write to: Linux's /proc")
+def test_a_count_task_sends_the_fingerprints_it_cannot_write(eurlex_dir, tmp_path, caplog):
+    """A directory the task's process sees but cannot write to (another user's, or a full disk): the fingerprints
+    come back with the outcomes instead, and the count goes on."""
+    paths = resplit(discover_shards([eurlex_dir]), tmp_path, 3)
+    counts, outcomes = count_batch(paths, fingerprints_to="/proc")  # even root cannot create files there
+    assert [type(ids) for _, ids in outcomes] == [np.ndarray] * len(paths)
+    for path, (_, ids) in zip(paths, outcomes, strict=True):
+        np.testing.assert_array_equal(ids, read_shard_codes(path).example_ids)
+    assert "cannot write example-id fingerprints to /proc/" in caplog.text
+    assert_matches_reference(counts, paths)
+
+
 @pytest.mark.parametrize("reachable", [True, False])
 def test_a_count_task_writes_each_shards_fingerprints_as_it_reads_it(reachable, eurlex_dir, tmp_path, monkeypatch):
     """Given a directory it can reach, count_batch writes each shard's example-id fingerprints there once the

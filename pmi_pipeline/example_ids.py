@@ -113,7 +113,7 @@ RANGE_FINGERPRINTS = 1 << 20
 MAX_RANGES = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StoredFingerprints:
     """A shard's sorted fingerprints as a count task wrote them (:class:`FingerprintWriter`): where they are, and
     their range bounds (``_range_bounds`` with :data:`MAX_RANGES`; the last is how many there are)."""
@@ -217,7 +217,7 @@ class FingerprintFiles(Mapping[str, np.ndarray]):
             raise ValueError(f"{out.size} places to read {hi - lo} fingerprints into")
         view, at = memoryview(out).cast("B"), start + 8 * lo
         while view.nbytes:  # straight into the array: no bytes object, no copy
-            n = os.preadv(self._file.fileno(), [view], at)
+            n = _read_into(self._file.fileno(), view, at)
             if n <= 0:
                 raise OSError(f"fingerprint file ended early: {view.nbytes} bytes short")
             view, at = view[n:], at + n
@@ -239,6 +239,15 @@ class FingerprintFiles(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._shards)
+
+
+def _read_into(fd: int, view: memoryview, at: int) -> int:
+    """``os.preadv`` into ``view`` (bytes read), or ``os.pread`` and a copy where there is no ``preadv``."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], at)
+    data = os.pread(fd, view.nbytes, at)
+    view[: len(data)] = data
+    return len(data)
 
 
 def _copy_bytes(source: int, at: int, target: int, to: int, n: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -123,10 +124,20 @@ def test_find_repeats_matches_the_reference(stored, shards):
             assert r.fingerprint in owner[r.shard] and r.fingerprint in owner[r.other]
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("written", [False, True])
-def test_fingerprint_files_read_back_whole_and_by_range(written):
+def test_fingerprint_files_read_back_whole_and_by_range(written, kernel, monkeypatch):
     """Fingerprints added as arrays, or as a count task wrote them to its file in the files' directory
-    (``written``): that file is removed once they are added, and the directory with :meth:`close_directory`."""
+    (``written``): that file is removed once they are added, and the directory with :meth:`close_directory`.
+    Without the kernel's help (``kernel``: no ``preadv``, and a ``copy_file_range`` that fails, as on a file
+    system that cannot), through this process instead."""
+    if not kernel:
+
+        def cannot(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.delattr(os, "preadv", raising=False)
+        monkeypatch.setattr(os, "copy_file_range", cannot, raising=False)
     rng = np.random.default_rng(0)
     hashes = np.unique(rng.integers(0, 2**64 - 1, 10_000, dtype=np.uint64, endpoint=True))
     hashes[-1] = np.uint64(2**64 - 1)  # the largest fingerprint falls in the last range

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -168,9 +170,11 @@ class FingerprintFiles(Mapping[str, np.ndarray]):
         self._file = tempfile.TemporaryFile(prefix="pmi-pipeline-ids-")
         self._end = 0
         self._shards: dict[str, tuple[int, np.ndarray]] = {}  # key -> where its fingerprints start, range bounds
-        self.directory = tempfile.mkdtemp(prefix="pmi-pipeline-ids-")
+        # named for this process, so that a later run can tell that its owner is gone (_sweep_abandoned)
+        self.directory = tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}@{_HOST}-")
         # the count tasks' files that are left (a task that failed, or was run twice): removed with the object
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
+        _sweep_abandoned(os.path.dirname(self.directory))
 
     def add(self, key: str, hashes: np.ndarray | StoredFingerprints) -> None:
         """Keep a shard's fingerprints (sorted, distinct) under ``key``: an array, or where a count task wrote
@@ -239,6 +243,28 @@ class FingerprintFiles(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._shards)
+
+
+_DIRECTORY_PREFIX = "pmi-pipeline-ids-"
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _sweep_abandoned(parent: str) -> None:
+    """Remove the count tasks' fingerprint directories that runs on this machine left when they were killed (a
+    finished or failed run removes its own): those named for a process of this host that no longer exists. A
+    directory of another host (a ``TMPDIR`` several machines share) or of a live process is left alone."""
+    pattern = re.compile(re.escape(_DIRECTORY_PREFIX) + r"(\d+)@(.+)-[a-z0-9_]+")
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if not match or match.group(2) != _HOST or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:  # gone: its directory is abandoned
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except (PermissionError, OverflowError):  # another user's live process, or not a pid
+                continue
 
 
 def _read_into(fd: int, view: memoryview, at: int) -> int:

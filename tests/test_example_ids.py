@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -175,6 +176,32 @@ def test_fingerprint_files_read_back_whole_and_by_range(written, kernel, monkeyp
     assert "a" not in files and len(files) == 1
     files.close_directory()
     assert not os.path.exists(files.directory)
+
+
+def test_a_run_removes_the_fingerprint_directories_of_killed_runs(tmp_path, monkeypatch):
+    """A run killed mid-count (SIGKILL) leaves its count tasks' fingerprint directory behind; the next run on the
+    same machine removes it, but not those of live processes, of other hosts, or of other programs."""
+    import subprocess
+    import sys
+
+    from pmi_pipeline import example_ids
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    names = {
+        "killed": f"pmi-pipeline-ids-{gone.pid}@{example_ids._HOST}-abc123",
+        "live": f"pmi-pipeline-ids-{os.getpid()}@{example_ids._HOST}-def456",
+        "other host": f"pmi-pipeline-ids-{gone.pid}@elsewhere.example-ghi789",
+        "other program": "pmi-pipeline-ids-unrelated",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "task-1.u64").write_bytes(b"\0" * 8)
+    files = FingerprintFiles()
+    assert os.path.dirname(files.directory) == str(tmp_path)
+    left = set(os.listdir(tmp_path)) - {os.path.basename(files.directory)}
+    assert left == {names["live"], names["other host"], names["other program"]}
 
 
 def _shard(path, ids, labels):

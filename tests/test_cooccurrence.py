@@ -569,3 +569,16 @@ def test_local_workers_do_not_profile(dask_clients):
     for client in dask_clients.values():
         seen = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert set(seen.values()) == {False}
+
+
+@pytest.mark.parametrize(("dense_cells", "trims"), [(1 << 30, 1), (0, 0)])  # pair histogram, or sparse parts
+def test_a_batch_hands_its_heap_back_only_where_pairs_go_into_a_histogram(monkeypatch, dense_cells, trims, bibtex_dir):
+    """Over many labels a batch's working memory is what the next batch needs again: handed back only when the
+    run's tasks are done (twelfth pass)."""
+    monkeypatch.setattr(cooccurrence, "DENSE_CELLS", dense_cells)
+    calls = []
+    monkeypatch.setattr(cooccurrence, "_release_free_heap", lambda: calls.append(1))
+    counts, _ = count_batch(discover_shards([bibtex_dir])[:2], run="trim-test")
+    assert counts.n_labels > 1 and len(calls) == trims
+    cooccurrence._forget_run_vocabulary("trim-test")
+    assert len(calls) == trims + 1

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 #: The trim threshold goes up to 32 MiB too: at 64 KiB, glibc gave back the top of the heap at nearly every
 #: free, and the next shard's arrays page-faulted it in again: 2-worker counts of 10^8 annotations over 10^3
 #: labels took 4.56 s against 3.69 s (medians, bench/count_ab.py; no difference at 10^5 labels; docs/performance.md,
-#: eighth pass). A count task still hands its freed heap back once per batch (``cooccurrence._release_free_heap``).
+#: eighth pass). A count task still hands its freed heap back once per batch up to 2,048 labels, and each worker once
+#: per run over more (``cooccurrence._release_free_heap``, twelfth pass).
 #: And one malloc arena: a worker's threads (the task's, its event loop's, Arrow's decoders) each took an arena of
 #: their own, each keeping its freed memory; with one, the tree's peak counting 10^8 annotations over 10^3 labels
 #: went from 538-541 to 499-508 MiB at the same speed (bench/batch_bytes.py, bench/count_ab.py;

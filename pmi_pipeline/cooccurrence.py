@@ -315,6 +315,11 @@ DENSE_CELLS = 1 << 22
 DENSE_BLOCK = 1 << 19
 
 
+def _pairs_in_histogram(m: int) -> bool:
+    """Whether pair counts over ``m`` labels are summed in one histogram (:data:`DENSE_CELLS`)."""
+    return m * m <= DENSE_CELLS
+
+
 def upper_pair_counts(
     example_codes: np.ndarray, label_codes: np.ndarray, m: int, *, block: int = PAIR_BLOCK
 ) -> sp.csr_matrix:
@@ -402,7 +407,7 @@ class _KeyCounter:
     def __init__(self, m: int, block: int, max_count: int = 2**63 - 1):
         self.m = m
         self.dtype = index_dtype(m * m)
-        self.dense = m * m <= DENSE_CELLS
+        self.dense = _pairs_in_histogram(m)
         # a pair is counted at most once per example (max_count of them): int32 cells where that fits, half the memory
         self.counts = _count_dtype(max_count)
         self.histogram = np.zeros(m * m if self.dense else 0, self.counts)
@@ -817,7 +822,7 @@ def count_batch(
     finally:
         if writer is not None:
             writer.close()
-    if counts.n_labels**2 <= DENSE_CELLS:
+    if _pairs_in_histogram(counts.n_labels):
         _release_free_heap()
     return counts, outcomes
 

@@ -834,9 +834,10 @@ def _release_free_heap() -> None:
 
     :func:`count_batch` does so after each batch only where pair counts go into a histogram (up to
     :data:`DENSE_CELLS` cells): there a batch's working memory is a few MiB, and a worker's RSS is flat only so
-    (10^8 annotations over 10^3 labels: +18% from 10^6 with it, +22% without). Over more labels, a batch's
-    working memory (about 70 MiB at 10^5 labels) is what the next batch needs again, and faulting it back in took
-    8% of count tasks' time (twelfth pass); there the heap is handed back once, when the run's tasks are done."""
+    (10^8 annotations over 10^3 labels: +18% from 10^6 with it, +22% without). Over more labels, what a batch
+    frees is what the next batch needs again: at 10^5 labels, 20 batches faulted 624-699 MiB in with the trim
+    and 201-218 MiB without, 2-10% of their time (bench/heap_trim.py, twelfth pass); there the heap is handed
+    back once, when the run's tasks are done."""
     global _LIBC
     if _LIBC is None:
         try:

@@ -707,7 +707,9 @@ def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None
     larger batches, with fewer merges, are faster (docs/performance.md, tenth pass). A shard with labels it lacks
     waits, and the vocabulary grows once for the waiting shards (up to :data:`WAITING_SHARDS` of them), then they
     are counted: growing it for each shard (a sort of the vocabulary each time, and the counts so far moved to
-    it) was slower at 10^5 labels."""
+    it) was slower at 10^5 labels. Over more than :data:`LOOKUP_ALONE_LABELS` labels every shard waits, so that
+    one lookup serves them all: 2-worker counts at 10^5 labels took 17.6 s so, against 22.7 s with a lookup per
+    shard (docs/performance.md, thirteenth pass)."""
     vocabulary = vocabulary if vocabulary is not None else _Vocabulary()
     if isinstance(shards, list):
         shards = _consume(shards)
@@ -720,7 +722,7 @@ def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None
         order.append(shard.sha256)
         used = np.flatnonzero(np.bincount(shard.entry_codes, minlength=len(shard.dictionary)))
         dictionary = shard.dictionary.take(pa.array(used))
-        found = vocabulary.find(dictionary)
+        found = vocabulary.find(dictionary) if vocabulary.labels.size <= LOOKUP_ALONE_LABELS else None
         if found is None:
             waiting.append((shard, used, dictionary))
         else:
@@ -732,15 +734,22 @@ def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None
     return batch.result(order)
 
 
-#: Shards with labels the vocabulary lacks that a count task holds at most before it grows the vocabulary for
-#: them: bounds what a run's first tasks hold (about 4 MiB of Parquet) however large a batch is.
+#: Shards waiting to be looked up (with labels the vocabulary lacks, or over more than
+#: :data:`LOOKUP_ALONE_LABELS` labels) that a count task holds at most before it looks them up: bounds what a
+#: task holds (about 4 MiB of Parquet) however large its batch is.
 WAITING_SHARDS = 8
+#: Vocabularies of up to this many labels are looked up shard by shard, so that a task holds one shard. Larger ones
+#: are looked up for up to :data:`WAITING_SHARDS` shards at once: each lookup hashes the whole vocabulary (Arrow's
+#: ``index_in`` builds its table at every call), 8.5 ms of the 10 ms that looking up one shard's 53,000 labels
+#: takes at 10^5 labels (docs/performance.md, thirteenth pass).
+LOOKUP_ALONE_LABELS = 1 << 12
 
 
 def _count_waiting(
     batch: _BatchCount, vocabulary: _Vocabulary, waiting: list[tuple[ShardCodes, np.ndarray, pa.Array]]
 ) -> None:
-    """Grow the vocabulary once for the waiting shards, count them and let them go (empties ``waiting``)."""
+    """Look the waiting shards' labels up at once, growing the vocabulary if they bring new ones, count the shards
+    and let them go (empties ``waiting``)."""
     if not waiting:
         return
     labels, positions = vocabulary.locate([dictionary for _, _, dictionary in waiting])

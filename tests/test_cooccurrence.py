@@ -381,14 +381,22 @@ def test_a_batch_lets_go_of_each_shard_once_copied(eurlex_dir, tmp_path):
     assert_matches_reference(expected.sorted(), paths)
 
 
+@pytest.mark.parametrize("alone", [True, False])
 @pytest.mark.parametrize("met", [True, False])
-def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, eurlex_dir, tmp_path, monkeypatch):
+def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, alone, eurlex_dir, tmp_path, monkeypatch):
     """With a run whose vocabulary holds the batch's labels (``met``), count_batch reads a shard only once the
     shard before it is counted and let go: a task's working memory is one shard's codes however many shards its
     batch has (docs/performance.md, tenth pass). Shards with labels the run lacks wait for the vocabulary to grow
-    once for them all, so they are all held."""
+    once for them all, so they are all held. So do all shards where the vocabulary is too large to look up
+    ``alone`` (over LOOKUP_ALONE_LABELS): one lookup, one hash of the vocabulary, for them all (thirteenth pass)."""
     paths = resplit(discover_shards([eurlex_dir]), tmp_path, 5)
     read, shards, held = cooccurrence.read_shard_codes, [], []
+    monkeypatch.setattr(cooccurrence, "LOOKUP_ALONE_LABELS", 10**6 if alone else -1)
+    find, lookups = cooccurrence._Vocabulary.find, []
+
+    def find_and_count(self, dictionary):
+        lookups.append(len(dictionary))
+        return find(self, dictionary)
 
     def read_and_watch(path, **kwargs):
         gc.collect()
@@ -402,10 +410,14 @@ def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, eur
         if met:
             cooccurrence._RUN_VOCABULARIES.get(run).locate([read_annotations(p).labels for p in paths])
         monkeypatch.setattr(cooccurrence, "read_shard_codes", read_and_watch)
+        monkeypatch.setattr(cooccurrence._Vocabulary, "find", find_and_count)
         counts, outcomes = count_batch(paths, run=run)
     finally:
         cooccurrence._forget_run_vocabulary(run)
-    assert held == ([0] * len(paths) if met else list(range(len(paths)))) and len(outcomes) == len(paths)
+    assert held == ([0] * len(paths) if met and alone else list(range(len(paths)))) and len(outcomes) == len(paths)
+    # shard by shard (alone), and the shards that waited at once
+    assert len(lookups) == (len(paths) + (not met) if alone else 1)
+    assert lookups[-1] == sum(len(read_annotations(p).labels) for p in paths[-1 if alone and met else 0 :])
     assert_matches_reference(counts, paths)
     assert [e["path"] for e in counts.manifest.values()] == [str(p) for p in paths]  # in the batch's order
 

@@ -149,5 +149,8 @@ def test_orthonormal_basis_spans_the_columns_at_any_conditioning(cond):
     q = _orthonormal(da.from_array(y, chunks=(700, width))).compute()
     np.testing.assert_allclose(q.T @ q, np.eye(width), atol=1e-10)
     rank = int((singular > 1e-12).sum())
-    basis = u[:, :rank]  # Y's column space (to rounding)
-    np.testing.assert_allclose(np.linalg.norm(q @ (q.T @ basis) - basis), 0, atol=1e-6)
+    basis = u[:, :rank]  # Y's column space
+    # Rounding Y itself moves a direction of singular value s by about eps / s: that is the most any method can
+    # recover (2-4 eps / s here; a fixed 1e-6 on the whole span failed at 1.01e-6 on one machine for cond = 1e10).
+    missed = np.linalg.norm(q @ (q.T @ basis) - basis, axis=0)
+    assert np.all(missed <= 100 * np.finfo(float).eps / singular[:rank])

@@ -33,6 +33,45 @@ def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return min(times), out
 
 
+def host_speed() -> dict[str, float]:
+    """A few seconds of fixed work that says what kind of host a run had, recorded with its results.
+
+    The VMs these benchmarks run on differ from one session to the next, and not in proportion: the same count of
+    10^8 annotations over 10^5 labels took 14.4 s in one process on one VM and 38.3 s on another, while the
+    in-memory baseline took 38.8 and 38.3 s (docs/performance.md, thirteenth pass). Our counting is compute:
+    interpreter, sorts, hashing. The baseline's big arrays are fresh memory, faulted in from the host. So a
+    ratio between them is only read with these figures beside it:
+
+    - ``python_loop_ns``: an empty Python ``for`` loop, ns per iteration (the interpreter's speed);
+    - ``sort_ns``: ``np.sort`` of 2 million random int64, ns per element (compiled compute on cached data);
+    - ``fault_ns_per_byte``: filling a fresh 256 MB array 2 s after the previous one was freed, ns per byte
+      (what faulting memory in costs where the host takes freed memory back; about 0.1 where it does not).
+
+    Each is the best of 3.
+    """
+    import numpy as np
+
+    def loop() -> None:
+        for _ in range(2_000_000):
+            pass
+
+    keys = np.random.default_rng(0).integers(0, 2**62, 2_000_000)
+    loop_s, _ = best(3, loop)
+    sort_s, _ = best(3, lambda: np.sort(keys))
+    fault_s = []
+    for _ in range(3):
+        time.sleep(2.0)
+        start = time.perf_counter()
+        filled = np.ones(1 << 25)  # 256 MB, freed (unmapped) when it goes
+        fault_s.append(time.perf_counter() - start)
+        del filled
+    return {
+        "python_loop_ns": round(loop_s / 2e6 * 1e9, 1),
+        "sort_ns": round(sort_s / keys.size * 1e9, 2),
+        "fault_ns_per_byte": round(min(fault_s) / (8 << 25) * 1e9, 3),
+    }
+
+
 def write_result(name: str, data: Any, directory: Path = RESULTS) -> Path:
     """Write ``data`` as JSON to ``<directory>/<name>-<UTC time>.json`` and return that path."""
     directory.mkdir(parents=True, exist_ok=True)

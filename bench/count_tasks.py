@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import write_result
+from common import host_speed, write_result
 from distributed import get_task_stream
 
 import pmi_pipeline
@@ -93,6 +93,7 @@ def main() -> None:
     out = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
+        "host_speed": host_speed(),
         "library": str(Path(pmi_pipeline.__file__).parent),
         "corpus": str(args.corpus),
         "n_annotations": result.counts.n_annotations,

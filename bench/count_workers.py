@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import best, write_result
+from common import best, host_speed, write_result
 
 import pmi_pipeline
 from pmi_pipeline.cooccurrence import BATCH_BYTES, count_shards
@@ -65,6 +65,7 @@ def main() -> None:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
         "cores": os.cpu_count(),
+        "host_speed": host_speed(),
         "library": str(Path(pmi_pipeline.__file__).parent),  # which checkout was measured
         "corpus": str(args.corpus) if args.corpus else None,
         "n_annotations": n_annotations,
@@ -79,7 +80,7 @@ def main() -> None:
     print(
         f"{n_annotations:.3g} annotations, {len(paths)} shards, {args.labels} labels, "
         f"batches of up to {args.batch_bytes} bytes, "
-        f"load average {result['load_average'][0]:.1f}"
+        f"load average {result['load_average'][0]:.1f}, host {result['host_speed']}"
     )
     print("| configuration | seconds | annotations/s | vs in-process |\n|---|---|---|---|")
     for row in rows:

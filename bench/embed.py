@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import TreeMonitor
+from common import TreeMonitor, host_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -817,11 +817,20 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "memory_gib": round(vm.total / 2**30, 1),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "pmi_pipeline": pmi_pipeline.__version__,
+        "host_speed": host_speed(),  # ratios between our phases and the baseline's move with it (see common.py)
     }
     for mod in ("numpy", "scipy", "pyarrow", "dask", "distributed", "sklearn"):
         with contextlib.suppress(ImportError):
             info[mod] = __import__(mod).__version__
     return info
+
+
+def _host_line(speed: dict[str, float]) -> str:
+    """``common.host_speed``'s figures in words (the ratios to the baseline move with them)."""
+    return (
+        f"empty Python loop {speed['python_loop_ns']} ns/iteration, np.sort {speed['sort_ns']} ns/element, "
+        f"fresh memory {speed['fault_ns_per_byte']} ns/byte"
+    )
 
 
 def corpus_table(sizes: list[dict[str, Any]]) -> str:
@@ -898,6 +907,7 @@ def write_docs(runs: list[tuple[dict[str, Any], Path]], assembled_by: str | None
             f"start, {results['load_average_at_end']} at the end; {results['total_s'] / 60:.0f} min; each "
             f"measured phase run {results['args'].get('repeat', 1)}x in interleaved rounds, the fastest "
             f"shown; raw results `{_rel(json_path)}`)"
+            + (f"; host speed {_host_line(rm['host_speed'])}" if "host_speed" in rm else "")
         )
     notes = [note for results, _ in runs for note in results.get("notes", [])]
     block = "\n".join(
@@ -986,6 +996,7 @@ def main_run(args: argparse.Namespace) -> int:
         "sizes": [],
         "notes": list(args.note or []),
     }
+    print(f"host speed: {_host_line(results['machine']['host_speed'])}", flush=True)
     for n in args.sizes:
         results["sizes"].append(bench_size(n, args, tmp_root))
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -561,7 +561,8 @@ def _as_codes(ann: Annotations) -> ShardCodes:
 
 class _Vocabulary:
     """Labels met so far, sorted, and where a dictionary's labels are in them: a count task looks its shards' labels
-    up (one hash pass); the vocabulary grows, and is sorted again, only when a shard brings labels it lacks.
+    up (one hash pass, for one shard or, over many labels, several: :data:`LOOKUP_ALONE_LABELS`); the vocabulary
+    grows, and is sorted again, only when a shard brings labels it lacks.
 
     Shared by a count run's tasks in a process (:class:`_RunVocabularies`), a task's counts are over the whole
     vocabulary, so that the counts of a run's tasks on one worker share it: merging them unites no vocabularies

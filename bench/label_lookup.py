@@ -1,6 +1,14 @@
-"""The per-shard label lookup of a count task (``cooccurrence._Vocabulary.find``, one ``pc.index_in`` per shard)
-against a binary search of the shard's sorted dictionary in the sorted vocabulary (``pc.search_sorted``, then a
-check that the labels found are equal), on a corpus's first ``--shards`` shards::
+"""The label lookup of a count task, in milliseconds per shard, on a corpus's first ``--shards`` shards:
+
+- ``index_in``: one ``pc.index_in`` per shard (``cooccurrence._Vocabulary.find``);
+- ``index_in_together``: one for the labels of ``WAITING_SHARDS`` shards at once (``_Vocabulary.locate``, what a
+  task does over more than ``LOOKUP_ALONE_LABELS`` labels);
+- ``index_in_one_label``: ``index_in`` of a single label, which is the cost of hashing the vocabulary that every
+  call pays;
+- ``search_sorted``: a binary search of the shard's sorted dictionary in the sorted vocabulary
+  (``pc.search_sorted``, then a check that the labels found are equal).
+
+::
 
     python bench/label_lookup.py /tmp/corpus --shards 60
 
@@ -40,13 +48,27 @@ def main() -> None:
             raise AssertionError("a label was not found")
         return at.to_numpy().astype(np.int64)
 
+    def together(dictionaries: list[pa.Array]) -> list[np.ndarray]:
+        found, step = [], cooccurrence.WAITING_SHARDS
+        for at in range(0, len(dictionaries), step):
+            found.extend(vocabulary.locate(dictionaries[at : at + step])[1])
+        return found
+
     seconds = {}
-    for name, lookup in (("index_in", lambda d: vocabulary.find(d)[1]), ("search_sorted", searched)):
+    for name, lookup in (
+        ("index_in", lambda ds: [vocabulary.find(d)[1] for d in ds]),
+        ("index_in_together", together),
+        ("search_sorted", lambda ds: [searched(d) for d in ds]),
+    ):
         start = time.perf_counter()
-        found = [lookup(d) for d in dictionaries]
+        found = lookup(dictionaries)
         seconds[name] = (time.perf_counter() - start) / len(dictionaries)
-        for positions, dictionary in zip(found, dictionaries, strict=True):  # both found the labels themselves
+        for positions, dictionary in zip(found, dictionaries, strict=True):  # all found the labels themselves
             assert np.array_equal(labels[positions], dictionary.to_numpy(zero_copy_only=False))
+    start = time.perf_counter()
+    for dictionary in dictionaries:
+        vocabulary.find(dictionary[:1])
+    seconds["index_in_one_label"] = (time.perf_counter() - start) / len(dictionaries)
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "corpus": str(args.corpus),

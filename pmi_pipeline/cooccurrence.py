@@ -741,8 +741,9 @@ def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None
 WAITING_SHARDS = 8
 #: Vocabularies of up to this many labels are looked up shard by shard, so that a task holds one shard. Larger ones
 #: are looked up for up to :data:`WAITING_SHARDS` shards at once: each lookup hashes the whole vocabulary (Arrow's
-#: ``index_in`` builds its table at every call), 8.5 ms of the 10 ms that looking up one shard's 53,000 labels
-#: takes at 10^5 labels (docs/performance.md, thirteenth pass).
+#: ``index_in`` builds its table at every call), 10.4-10.7 ms of the 12.1-12.5 ms that looking up one shard's
+#: 53,000 labels takes at 10^5 labels, against 5.1-5.5 ms a shard for 8 at once (bench/label_lookup.py;
+#: docs/performance.md, thirteenth pass).
 LOOKUP_ALONE_LABELS = 1 << 12
 
 

@@ -865,7 +865,8 @@ _LIBC: Any = None
 
 #: Parquet bytes one count task reads at most: the shards of a batch share one vocabulary and one pass over their
 #: pairs, so the costs of a task and of a merge are paid per batch, not per shard. A task holds one shard at a
-#: time once its run's vocabulary holds its labels (:func:`_count_consumed`), so what grows with the batch is
+#: time once its run's vocabulary holds its labels (:func:`_count_consumed`; up to :data:`WAITING_SHARDS` over
+#: more than :data:`LOOKUP_ALONE_LABELS` labels), so what grows with the batch is
 #: its counter's pairs (at 10^5 labels) and its shards' example-id fingerprints (8 bytes per example). 8 MiB
 #: against 4: 11% faster at 10^3 labels, as fast at 10^5, the same tree peak; 16 MiB cost 30 MiB more of it
 #: (docs/performance.md, tenth pass).

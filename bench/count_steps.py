@@ -1,0 +1,106 @@
+"""Where a count's time goes, step by step, in one process: the count of a corpus's first ``--shards`` shards
+(``count_shards`` without Dask, the same count tasks and merges a worker runs), with the library's step functions
+timed while it runs. Each step's time is its own (what it calls that is itself a step is counted there), so the
+steps add up::
+
+    python bench/count_steps.py /tmp/corpus --shards 120
+
+prints seconds, milliseconds per shard and shares, and writes bench/results/count-steps-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common import host_speed, write_result
+
+from pmi_pipeline import cooccurrence
+from pmi_pipeline.cooccurrence import count_shards
+from pmi_pipeline.shards import discover_shards
+
+#: (where the function is looked up, its name, the step it is counted in)
+STEPS = [
+    (cooccurrence, "read_shard_codes", "read and validate a shard"),
+    (cooccurrence._Vocabulary, "find", "look labels up in the run's vocabulary"),
+    (cooccurrence, "_sorted_union_many", "grow the vocabulary"),
+    (cooccurrence, "distinct_pairs", "sort (example, label) codes"),
+    (cooccurrence.PairCounter, "add", "enumerate pair keys"),
+    (cooccurrence._KeyCounter, "_flush", "sort and count keys"),
+    (cooccurrence, "_keys_to_csr", "build CSR parts"),
+    (cooccurrence._KeyCounter, "result", "add a batch's CSR parts"),
+    (cooccurrence, "_merge_pair", "merge batches' counts"),
+]
+
+
+class StepClock:
+    """Wraps functions so that each call's time, less that of the wrapped calls it makes, goes to its step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._inner: list[float] = []  # per open call: seconds spent in wrapped calls it made
+
+    def wrap(self, fn: Callable[..., Any], step: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            self._inner.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[step] += elapsed - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += elapsed
+
+        return timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--shards", type=int, default=120)
+    args = parser.parse_args()
+    paths = discover_shards([args.corpus])[: args.shards]
+    count_shards(paths[:4], None, check_repeats=False)  # imports and first calls
+    clock, originals = StepClock(), []
+    for owner, name, step in STEPS:
+        originals.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, clock.wrap(getattr(owner, name), step))
+    try:
+        start = time.perf_counter()
+        result = count_shards(paths, None, check_repeats=False)
+        wall = time.perf_counter() - start
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    steps = dict(clock.seconds)
+    steps["the rest"] = wall - sum(steps.values())
+    out = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "host_speed": host_speed(),
+        "corpus": str(args.corpus),
+        "n_shards": len(paths),
+        "n_labels": result.counts.n_labels,
+        "n_annotations": result.counts.n_annotations,
+        "wall_s": wall,
+        "steps_s": steps,
+    }
+    print(
+        f"{len(paths)} shards, {out['n_annotations']:,} annotations over {out['n_labels']:,} labels: {wall:.2f} s "
+        f"in one process (host {out['host_speed']})"
+    )
+    print("| step | seconds | ms per shard | share |\n|---|---:|---:|---:|")
+    for step, seconds in sorted(steps.items(), key=lambda item: -item[1]):
+        print(f"| {step} | {seconds:.2f} | {1000 * seconds / len(paths):.1f} | {seconds / wall:.0%} |")
+    print(f"wrote {write_result('count-steps', out)}")
+
+
+if __name__ == "__main__":
+    main()

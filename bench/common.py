@@ -6,11 +6,13 @@ Imported as ``from common import ...``: a script run as ``python bench/NAME.py``
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,18 +61,64 @@ def host_speed() -> dict[str, float]:
     keys = np.random.default_rng(0).integers(0, 2**62, 2_000_000)
     loop_s, _ = best(3, loop)
     sort_s, _ = best(3, lambda: np.sort(keys))
-    fault_s = []
-    for _ in range(3):
-        time.sleep(2.0)
-        start = time.perf_counter()
-        filled = np.ones(1 << 25)  # 256 MB, freed (unmapped) when it goes
-        fault_s.append(time.perf_counter() - start)
-        del filled
+    nbytes = 1 << 28  # 256 MB
+    fill_ms = min(row["fill_ms"] for row in refault_ms([2.0] * 3, nbytes))
     return {
         "python_loop_ns": round(loop_s / 2e6 * 1e9, 1),
         "sort_ns": round(sort_s / keys.size * 1e9, 2),
-        "fault_ns_per_byte": round(min(fault_s) / (8 << 25) * 1e9, 3),
+        "fault_ns_per_byte": round(fill_ms * 1e6 / nbytes, 3),
     }
+
+
+def refault_ms(pauses: list[float], nbytes: int = 200_000_000) -> list[dict[str, float]]:
+    """Milliseconds to fill a fresh array of ``nbytes`` after each pause (the previous one freed, and unmapped,
+    before it): on a VM whose host takes freed memory back, the longer the pause, the dearer the fill."""
+    import numpy as np
+
+    rows = []
+    for pause in pauses:
+        time.sleep(pause)
+        start = time.perf_counter()
+        filled = np.empty(nbytes, np.uint8)
+        filled.fill(1)
+        rows.append({"pause_s": pause, "fill_ms": (time.perf_counter() - start) * 1e3})
+        del filled
+    return rows
+
+
+class StepClock:
+    """Times library functions while they run, each under a step's name. A call's time, less that of the timed
+    calls it makes, goes to its step, so the steps add up; the functions are put back on leaving ``timing``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._inner: list[float] = []  # per open call: seconds spent in timed calls it made
+
+    def wrap(self, fn: Callable[..., Any], step: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            self._inner.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[step] += elapsed - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += elapsed
+
+        return timed
+
+    @contextlib.contextmanager
+    def timing(self, steps: list[tuple[Any, str, str]]) -> Iterator[StepClock]:
+        """Within the block, each ``(owner, name, step)``'s function ``owner.name`` is timed under ``step``."""
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in steps]
+        for owner, name, step in steps:
+            setattr(owner, name, self.wrap(getattr(owner, name), step))
+        try:
+            yield self
+        finally:
+            for owner, name, fn in originals:
+                setattr(owner, name, fn)
 
 
 def write_result(name: str, data: Any, directory: Path = RESULTS) -> Path:

@@ -14,12 +14,9 @@ import argparse
 import datetime as dt
 import os
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from common import host_speed, write_result
+from common import StepClock, host_speed, write_result
 
 from pmi_pipeline import cooccurrence
 from pmi_pipeline.cooccurrence import count_shards
@@ -39,28 +36,6 @@ STEPS = [
 ]
 
 
-class StepClock:
-    """Wraps functions so that each call's time, less that of the wrapped calls it makes, goes to its step."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._inner: list[float] = []  # per open call: seconds spent in wrapped calls it made
-
-    def wrap(self, fn: Callable[..., Any], step: str) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            self._inner.append(0.0)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                self.seconds[step] += elapsed - self._inner.pop()
-                if self._inner:
-                    self._inner[-1] += elapsed
-
-        return timed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", type=Path)
@@ -68,17 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     paths = discover_shards([args.corpus])[: args.shards]
     count_shards(paths[:4], None, check_repeats=False)  # imports and first calls
-    clock, originals = StepClock(), []
-    for owner, name, step in STEPS:
-        originals.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, clock.wrap(getattr(owner, name), step))
-    try:
+    with StepClock().timing(STEPS) as clock:
         start = time.perf_counter()
         result = count_shards(paths, None, check_repeats=False)
         wall = time.perf_counter() - start
-    finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
     steps = dict(clock.seconds)
     steps["the rest"] = wall - sum(steps.values())
     out = {

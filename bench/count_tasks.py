@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import host_speed, write_result
+from common import StepClock, host_speed, write_result
 from distributed import get_task_stream
 
 import pmi_pipeline
@@ -34,27 +34,12 @@ from pmi_pipeline.shards import discover_shards
 
 def in_process(paths: list[Path]) -> dict[str, float]:
     """One count without Dask, timing what its count tasks and merges take (the functions wrapped meanwhile)."""
-    seconds = {"count_batch_s": 0.0, "merges_s": 0.0}
-    count_batch, merge_pair = cooccurrence.count_batch, cooccurrence._merge_pair
-
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                seconds[key] += time.perf_counter() - t
-
-        return wrapper
-
-    cooccurrence.count_batch = timed(count_batch, "count_batch_s")
-    cooccurrence._merge_pair = timed(merge_pair, "merges_s")
-    try:
+    steps = [(cooccurrence, "count_batch", "count_batch_s"), (cooccurrence, "_merge_pair", "merges_s")]
+    with StepClock().timing(steps) as clock:
         start = time.perf_counter()
         count_shards(paths, None, check_repeats=False)
-        return {"wall_s": time.perf_counter() - start, **seconds}
-    finally:
-        cooccurrence.count_batch, cooccurrence._merge_pair = count_batch, merge_pair
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, **{step: clock.seconds[step] for _, _, step in steps}}
 
 
 def main() -> None:

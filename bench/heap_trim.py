@@ -21,11 +21,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-from common import write_result
+from common import refault_ms, write_result
 
 from pmi_pipeline.dask_cluster import WORKER_MALLOC
 
@@ -52,19 +50,6 @@ print(json.dumps({
     "n_labels": counts.n_labels,
 }))
 """
-
-
-def refault_ms(pauses: list[float], nbytes: int = 200_000_000) -> list[dict[str, float]]:
-    """Milliseconds to fill a fresh array of ``nbytes`` after each pause (the previous one freed before it)."""
-    rows = []
-    for pause in pauses:
-        time.sleep(pause)
-        start = time.perf_counter()
-        a = np.empty(nbytes, np.uint8)
-        a.fill(1)
-        rows.append({"pause_s": pause, "fill_ms": (time.perf_counter() - start) * 1e3})
-        del a
-    return rows
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def host_speed() -> dict[str, float]:
     - ``python_loop_ns``: an empty Python ``for`` loop, ns per iteration (the interpreter's speed);
     - ``sort_ns``: ``np.sort`` of 2 million random int64, ns per element (compiled compute on cached data);
     - ``fault_ns_per_byte``: filling a fresh 256 MB array 2 s after the previous one was freed, ns per byte
-      (what faulting memory in costs: 1.3-1.75 on a VM whose host took freed memory back within seconds, 0.2-0.45
+      (what faulting memory in costs: 1.3-1.75 on a VM whose host took freed memory back within seconds, 0.19-0.39
       on one whose host did not).
 
     Each is the best of 3.

@@ -25,14 +25,16 @@ from pmi_pipeline.shards import discover_shards
 #: (where the function is looked up, its name, the step it is counted in)
 STEPS = [
     (cooccurrence, "read_shard_codes", "read and validate a shard"),
-    (cooccurrence._Vocabulary, "find", "look labels up in the run's vocabulary"),
-    (cooccurrence, "_sorted_union_many", "grow the vocabulary"),
+    (cooccurrence._Vocabulary, "lookup", "look labels up in the run's vocabulary"),
+    (cooccurrence._Vocabulary, "_grow", "grow the vocabulary"),
     (cooccurrence, "distinct_pairs", "sort (example, label) codes"),
     (cooccurrence.PairCounter, "add", "enumerate pair keys"),
     (cooccurrence._KeyCounter, "_flush", "sort and count keys"),
     (cooccurrence, "_keys_to_csr", "build CSR parts"),
     (cooccurrence._KeyCounter, "result", "add a batch's CSR parts"),
     (cooccurrence, "_merge_pair", "merge batches' counts"),
+    (cooccurrence, "_sorted_union", "unite the vocabularies of counts"),
+    (cooccurrence, "_remap_monotone", "move counts to a larger vocabulary"),
 ]
 
 

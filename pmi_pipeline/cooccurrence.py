@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,11 +233,67 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     if _same_labels(a, b) and _strictly_sorted(a):
         same = np.arange(a.size)
         return a, same, same
+    for earlier, later in ((a, b), (b, a)):  # versions of one run's vocabulary in this process
+        moved = _GROWTH.positions(earlier, later)
+        if moved is not None:
+            same = np.arange(later.size)
+            return (later, moved, same) if earlier is a else (later, same, moved)
     labels, (pos_a, pos_b) = _sorted_union_many([a, b])
     for vocabulary, position in ((b, pos_b), (a, pos_a)):
         if vocabulary.size == labels.size and np.array_equal(position, np.arange(labels.size)):
             return vocabulary, pos_a, pos_b
     return labels, pos_a, pos_b
+
+
+class _Growth:
+    """Where the labels of each version of a run's vocabulary went in the next one (:class:`_Vocabulary`), in this
+    process, while the versions live: counts over an earlier version (a batch that ended before the vocabulary
+    grew) are moved to a later one by composing these moves, with no label compared or hashed. Uniting two
+    vocabularies of 842,676 labels otherwise took 0.3-0.6 s, 22% of a count of 10^7 annotations over them
+    (docs/performance.md, fourteenth pass). A version that is let go is spliced out: the versions grown from it
+    then come from the one it grew from, their moves composed."""
+
+    def __init__(self) -> None:
+        # Reentrant: a version may be let go (and spliced out) by a thread that holds the lock.
+        self._lock = threading.RLock()
+        # id of a version -> (id of the version it grew from, that version (weakly), where its labels are in it)
+        self._parent: dict[int, tuple[int, weakref.ref[np.ndarray], np.ndarray]] = {}
+
+    def record(self, grown: np.ndarray, earlier: np.ndarray, moved: np.ndarray) -> None:
+        """``grown`` was made from ``earlier``, whose labels are at ``moved`` in it."""
+        with self._lock:
+            self._parent[id(grown)] = (id(earlier), weakref.ref(earlier), moved.astype(index_dtype(grown.size)))
+        weakref.finalize(grown, self._splice, id(grown))  # run as it is let go, before its id can be reused
+
+    def _splice(self, key: int) -> None:
+        with self._lock:
+            entry = self._parent.pop(key, None)
+            for child, (parent, _, moved) in list(self._parent.items()):
+                if parent == key:
+                    if entry is None:
+                        del self._parent[child]
+                    else:
+                        self._parent[child] = (entry[0], entry[1], moved[entry[2]])
+
+    def positions(self, earlier: np.ndarray, later: np.ndarray) -> np.ndarray | None:
+        """Where the labels of ``earlier`` are in ``later``, if ``later`` grew from it here (None otherwise)."""
+        with self._lock:
+            moves, version = [], later
+            while version is not earlier:
+                entry = self._parent.get(id(version))
+                version = entry[1]() if entry is not None else None
+                if version is None:
+                    return None
+                moves.append(entry[2])
+        if not moves:
+            return None
+        position = moves.pop()
+        while moves:
+            position = moves.pop()[position]
+        return position.astype(np.int64)
+
+
+_GROWTH = _Growth()
 
 
 def _sorted_union_many(vocabularies: Sequence[np.ndarray | pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -309,9 +366,10 @@ SMALL_EXAMPLE = 32
 #: as sparse parts added at the end: twice as fast where labels are few.
 DENSE_CELLS = 1 << 22
 #: Keys counted at once into the histogram: a smaller block than :data:`PAIR_BLOCK` keeps a count task's
-#: working memory down (docs/performance.md, eighth pass). Each block is sorted in place and its distinct keys'
-#: counts added to their cells: ``np.bincount`` made an int64 copy of the keys and an int64 histogram of all
-#: ``m * m`` cells at each call, 12 MiB at 10^3 labels, and was slower (eleventh pass).
+#: working memory down (docs/performance.md, eighth pass). Each block is added to its cells by ``np.add.at`` with
+#: an array of ones of the histogram's type (numpy's unbuffered fast path): 6.0 against 4.3 ms a shard when
+#: sorting the block and adding its distinct keys' counts (fourteenth pass). ``np.bincount`` made an int64 copy
+#: of the keys and an int64 histogram of all ``m * m`` cells at each call, and was slower (eleventh pass).
 DENSE_BLOCK = 1 << 19
 
 
@@ -401,8 +459,8 @@ class PairCounter:
 
 
 class _KeyCounter:
-    """Counts of pair keys ``a * m + b`` written into a buffer of ``block`` keys, counted each time it fills by
-    sorting it: into one histogram where ``m * m`` is at most :data:`DENSE_CELLS`, else into sparse parts."""
+    """Counts of pair keys ``a * m + b`` written into a buffer of ``block`` keys, counted each time it fills: added
+    to one histogram where ``m * m`` is at most :data:`DENSE_CELLS`, else sorted into sparse parts."""
 
     def __init__(self, m: int, block: int, max_count: int = 2**63 - 1):
         self.m = m
@@ -411,6 +469,7 @@ class _KeyCounter:
         # a pair is counted at most once per example (max_count of them): int32 cells where that fits, half the memory
         self.counts = _count_dtype(max_count)
         self.histogram = np.zeros(m * m if self.dense else 0, self.counts)
+        self.ones = np.empty(0, self.counts)  # what each key adds to its cell (np.add.at)
         self.buffer = np.empty(0, self.dtype)
         self.block = min(block, DENSE_BLOCK) if self.dense else block
         self.filled = 0
@@ -431,11 +490,13 @@ class _KeyCounter:
         self.filled = 0
         if not keys.size:
             return
+        if self.dense:
+            if self.ones.size < keys.size:
+                self.ones = np.ones(keys.size, self.counts)
+            np.add.at(self.histogram, keys, self.ones[: keys.size])
+            return
         keys.sort()
         distinct, counts = _distinct_counts(keys, self.counts)
-        if self.dense:
-            self.histogram[distinct] += counts
-            return
         self.add_matrix(_keys_to_csr(distinct.astype(np.int64, copy=False), counts, self.m))
 
     def add_matrix(self, pairs: sp.csr_matrix) -> None:
@@ -581,29 +642,92 @@ class _Vocabulary:
         known = self._known
         return known[0] if known is not None else np.empty(0, dtype=object)
 
-    def find(self, dictionary: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
-        """The labels and where the dictionary's labels are in them, or None if it has labels they lack."""
+    def lookup(self, strings: pa.Array) -> tuple[tuple[np.ndarray, pa.Array] | None, np.ndarray]:
+        """The vocabulary as it is now (None while empty) and where each of ``strings`` (Arrow large strings) is
+        in it, -1 where absent: one hash pass over the vocabulary (Arrow's ``index_in`` builds its table at every
+        call)."""
         known = self._known
         if known is None:
-            return None
-        found = pc.index_in(_arrow_strings(dictionary), value_set=known[1])
-        return (known[0], found.to_numpy().astype(np.int64)) if found.null_count == 0 else None
+            return None, np.full(len(strings), -1, np.int64)
+        found = pc.index_in(strings, value_set=known[1])
+        if found.null_count:
+            found = pc.fill_null(found, -1)
+        return known, found.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def find(self, dictionary: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+        """The labels and where the dictionary's labels are in them, or None if it has labels they lack."""
+        known, found = self.lookup(_arrow_strings(dictionary))
+        return (known[0], found) if known is not None and not (found < 0).any() else None
 
     def locate(self, dictionaries: Sequence[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The labels (object array, sorted; the same array until it grows), grown by those of ``dictionaries``
         it lacked, and where each dictionary's labels are in them."""
-        found = self.find(pa.concat_arrays([_arrow_strings(d) for d in dictionaries]))
-        if found is not None:
-            return found[0], np.split(found[1], np.cumsum([len(d) for d in dictionaries])[:-1])
-        with self._lock:  # tasks of one run in threads of one worker: the vocabulary grows one task at a time
-            known = self._known
+        strings = pa.concat_arrays([_arrow_strings(d) for d in dictionaries])
+        cuts = np.cumsum([len(d) for d in dictionaries])[:-1]
+        known, found = self.lookup(strings)
+        if known is None or (found < 0).any():
+            with self._lock:  # tasks of one run in threads of one worker: the vocabulary grows one task at a time
+                if self._known is not known:  # another task grew it meanwhile
+                    known, found = self.lookup(strings)
+                if known is None or (found < 0).any():
+                    known, found = self._grow(known, strings, found)
+        return known[0], np.split(found, cuts)
+
+    def _grow(
+        self, known: tuple[np.ndarray, pa.Array] | None, strings: pa.Array, found: np.ndarray
+    ) -> tuple[tuple[np.ndarray, pa.Array], np.ndarray]:
+        """Add the ``strings`` not ``found`` (-1) in the ``known`` vocabulary to it: the grown vocabulary and
+        where each of ``strings`` is in it. Few new labels are merged into the sorted labels where they belong
+        (:func:`_insert_sorted`); the vocabulary is sorted again only when it is empty or grows by more than a
+        :data:`GROW_BY_SORTING` share of its size."""
+        missing = strings.filter(pa.array(found < 0))
+        new = pc.unique(missing)
+        if known is None or len(new) > GROW_BY_SORTING * known[0].size:
             before = [known[1]] if known is not None else []
-            labels, positions = _sorted_union_many([*before, *dictionaries])
-            if known is not None and labels.size == known[0].size:  # another task grew it meanwhile
-                labels = known[0]
-            else:
-                self._known = (labels, pa.array(labels, pa.large_string()))
-            return labels, positions[len(before) :]
+            labels, positions = _sorted_union_many([*before, strings])
+            if known is not None:
+                _GROWTH.record(labels, known[0], positions[0])
+            self._known = (labels, pa.array(labels, pa.large_string()))
+            return self._known, positions[-1]
+        new = new.take(pc.sort_indices(new))
+        labels, arrow, old_at, new_at = _insert_sorted(known[0], known[1], new)
+        position = np.empty(found.size, np.int64)
+        hit = found >= 0
+        position[hit] = old_at[found[hit]]
+        position[~hit] = new_at[pc.index_in(missing, value_set=new).to_numpy(zero_copy_only=False)]
+        _GROWTH.record(labels, known[0], old_at)
+        self._known = (labels, arrow)
+        return self._known, position
+
+
+#: A vocabulary that grows by more than this share of its labels at once is sorted again whole; fewer new labels
+#: are put where they belong by binary search (:func:`_insert_sorted`). Sorting again whole each time took 2.0 s
+#: of a count of 10^7 annotations over 842,676 labels, against 1.1-1.2 s so, and inserting was no slower even
+#: where the new labels outnumbered the old (docs/performance.md, fourteenth pass).
+GROW_BY_SORTING = 1.0
+
+
+def _insert_sorted(
+    labels: np.ndarray, strings: pa.Array, new: pa.Array
+) -> tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]:
+    """Sorted, distinct ``labels`` (object array; ``strings`` the same in Arrow) with the sorted, distinct
+    labels ``new`` (none of them in ``labels``) merged in: the merged labels both ways, where each old label went
+    and where each new one went. A binary search per new label (Python comparisons, which order ``str`` by code
+    point as Arrow's sort orders UTF-8 by byte: the same order), then moves of the old labels as a whole."""
+    added = new.to_numpy(zero_copy_only=False).astype(object)
+    n, k = labels.size, added.size
+    new_at = np.searchsorted(labels, added) + np.arange(k)
+    is_new = np.zeros(n + k, bool)
+    is_new[new_at] = True
+    old_at = np.flatnonzero(~is_new)
+    merged = np.empty(n + k, object)
+    merged[old_at] = labels
+    merged[new_at] = added
+    order = np.empty(n + k, np.int64)
+    order[old_at] = np.arange(n)
+    order[new_at] = n + np.arange(k)
+    merged_strings = pa.concat_arrays([strings, new.cast(pa.large_string())]).take(pa.array(order))
+    return merged, merged_strings, old_at, new_at
 
 
 class _RunVocabularies:

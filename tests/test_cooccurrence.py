@@ -256,14 +256,19 @@ def test_a_merge_widens_pair_counts_before_they_could_overflow():
     assert Counts.sum([counts(3, 4, "x"), counts(2, 5, "y")]).pairs.dtype == np.int64
 
 
+@pytest.mark.parametrize("grow_by_sorting", [0.0, 0.25, np.inf])
 @pytest.mark.parametrize("seed", range(4))
-def test_a_run_vocabulary_grows_sorted_and_locates_every_label(seed):
+def test_a_run_vocabulary_grows_sorted_and_locates_every_label(seed, grow_by_sorting, monkeypatch):
     """A run's vocabulary in a process (_RunVocabularies): sorted and distinct, every label of every dictionary
-    looked up where it is, the same array while no new label comes, and runs kept apart."""
+    looked up where it is, the same array while no new label comes, and runs kept apart; whether it grows by
+    sorting again (``grow_by_sorting`` 0), by inserting new labels where they belong (inf), or either. The labels
+    mix scripts, so that the order of Python's comparisons (inserting) must agree with Arrow's (sorting)."""
     import pyarrow as pa
 
+    monkeypatch.setattr(cooccurrence, "GROW_BY_SORTING", grow_by_sorting)
     rng = np.random.default_rng(seed)
-    names = np.array([f"label {i:03d}" for i in rng.permutation(300)], dtype=object)
+    stems = ["label", "Label", "étiquette", "метка", "标签", "ラベル", "\U0001f3f7 tag", "a b", "z"]
+    names = np.array([f"{stems[i % len(stems)]} {i:03d}" for i in rng.permutation(300)], dtype=object)
     vocabularies = cooccurrence._RunVocabularies()
     seen: set[str] = set()
     previous = None
@@ -280,12 +285,53 @@ def test_a_run_vocabulary_grows_sorted_and_locates_every_label(seed):
             assert labels is previous
         previous = labels
     other, _ = vocabularies.get("other run").locate([pa.array(["zz"])])
-    assert other.tolist() == ["zz"] and vocabularies.get("run").locate([pa.array(["zz"])])[0].tolist()[-1] == "zz"
+    assert other.tolist() == ["zz"]
+    grown = vocabularies.get("run").locate([pa.array(["zz"])])[0].tolist()
+    assert grown == sorted([*seen, "zz"])
     for run in range(cooccurrence._RunVocabularies.KEEP + 2):
         vocabularies.get(f"run {run}").locate([pa.array(["a"])])
     assert len(vocabularies._runs) == cooccurrence._RunVocabularies.KEEP
     vocabularies.forget(f"run {cooccurrence._RunVocabularies.KEEP + 1}")
     assert f"run {cooccurrence._RunVocabularies.KEEP + 1}" not in vocabularies._runs
+
+
+@pytest.mark.parametrize("kept", [(0, 1, 2, 3), (0, 3), (0, 2), (1, 3)])
+def test_counts_move_to_a_later_version_of_a_vocabulary_without_uniting_labels(kept, monkeypatch):
+    """Versions of a run's vocabulary, some let go (only those in ``kept`` live on): uniting a version with a
+    later one finds where its labels went by composing the growth moves (no labels hashed or sorted), Counts
+    merged over two versions equal those merged by uniting labels, and nothing is left once every version is
+    gone."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(len(kept))
+    names = [f"label {i:04d}" for i in rng.permutation(1000)]
+    recorded = set(cooccurrence._GROWTH._parent)
+    vocabulary = cooccurrence._Vocabulary()
+    versions = []
+    for size in (100, 130, 400, 1000):  # the second grows by insertion, the others by sorting again
+        versions.append(vocabulary.locate([pa.array(names[:size])])[0])
+    assert len({id(v) for v in versions}) == 4
+    versions = {i: v for i, v in enumerate(versions) if i in kept}
+    gc.collect()
+
+    def counts(labels):
+        m = labels.size
+        pairs = sp.triu(sp.random(m, m, density=0.05, random_state=m, format="csr") * 10, k=1).astype(np.int32)
+        return Counts(labels, np.arange(m), pairs.tocsr(), 1, {f"shard {m}": {}})
+
+    first, last = versions[kept[0]], versions[kept[-1]]
+    expected = counts(first).merge(counts(np.array(last.tolist(), dtype=object)), sorted_union=True)
+    monkeypatch.setattr(cooccurrence, "_sorted_union_many", None)  # any uniting of labels would fail
+    for a, b in itertools.permutations([first, last]):
+        labels, position_a, position_b = cooccurrence._sorted_union(a, b)
+        assert labels is last
+        assert labels[position_a].tolist() == a.tolist() and labels[position_b].tolist() == b.tolist()
+    merged = counts(first).merge(counts(last), sorted_union=True)
+    assert merged.labels is last and merged.equals(expected)
+    monkeypatch.undo()
+    del versions, first, last, labels, merged, expected, vocabulary, a, b
+    gc.collect()
+    assert set(cooccurrence._GROWTH._parent) <= recorded
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -392,11 +438,11 @@ def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, alo
     paths = resplit(discover_shards([eurlex_dir]), tmp_path, 5)
     read, shards, held = cooccurrence.read_shard_codes, [], []
     monkeypatch.setattr(cooccurrence, "LOOKUP_ALONE_LABELS", 10**6 if alone else -1)
-    find, lookups = cooccurrence._Vocabulary.find, []
+    lookup, lookups = cooccurrence._Vocabulary.lookup, []
 
-    def find_and_count(self, dictionary):
-        lookups.append(len(dictionary))
-        return find(self, dictionary)
+    def lookup_and_count(self, strings):
+        lookups.append(len(strings))
+        return lookup(self, strings)
 
     def read_and_watch(path, **kwargs):
         gc.collect()
@@ -410,7 +456,7 @@ def test_a_count_task_holds_one_shard_at_a_time_once_its_labels_are_met(met, alo
         if met:
             cooccurrence._RUN_VOCABULARIES.get(run).locate([read_annotations(p).labels for p in paths])
         monkeypatch.setattr(cooccurrence, "read_shard_codes", read_and_watch)
-        monkeypatch.setattr(cooccurrence._Vocabulary, "find", find_and_count)
+        monkeypatch.setattr(cooccurrence._Vocabulary, "lookup", lookup_and_count)
         counts, outcomes = count_batch(paths, run=run)
     finally:
         cooccurrence._forget_run_vocabulary(run)

@@ -7,6 +7,8 @@ the whole corpus). The other library is any checkout's ``pmi_pipeline`` folder's
 
     python bench/count_ab.py /tmp/before /tmp/corpus --workers 2 --rounds 3
 
+``--workers 0`` counts in the child process itself, without Dask.
+
 writes bench/results/count-ab-<time>.json and prints every time and each library's median.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from common import write_result
 
 CHILD = """
-import json, sys, time
+import contextlib, json, sys, time
 import pmi_pipeline
 from pmi_pipeline.cooccurrence import count_shards
 from pmi_pipeline.dask_cluster import dask_client
@@ -32,7 +34,8 @@ from pmi_pipeline.shards import discover_shards
 
 if __name__ == "__main__":
     paths = discover_shards([sys.argv[1]])
-    with dask_client(n_workers=int(sys.argv[2])) as client:
+    workers = int(sys.argv[2])
+    with dask_client(n_workers=workers) if workers else contextlib.nullcontext() as client:
         count_shards(paths[:8], client)  # warm-up: imports on the workers
         times = []
         for _ in range(int(sys.argv[3])):
@@ -68,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("other", type=Path, help="folder that holds the other library's pmi_pipeline package")
     parser.add_argument("corpus", type=Path, help="a corpus written by `pmi-pipeline synth`")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers; 0 counts in one process, without Dask")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2, help="timed counts per library and round")
     args = parser.parse_args()

@@ -263,7 +263,8 @@ class _Growth:
         """``grown`` was made from ``earlier``, whose labels are at ``moved`` in it."""
         with self._lock:
             self._parent[id(grown)] = (id(earlier), weakref.ref(earlier), moved.astype(index_dtype(grown.size)))
-        weakref.finalize(grown, self._splice, id(grown))  # run as it is let go, before its id can be reused
+        # run as it is let go, before its id can be reused; not at exit, where nothing is left to unite
+        weakref.finalize(grown, self._splice, id(grown)).atexit = False
 
     def _splice(self, key: int) -> None:
         with self._lock:
@@ -623,7 +624,8 @@ def _as_codes(ann: Annotations) -> ShardCodes:
 class _Vocabulary:
     """Labels met so far, sorted, and where a dictionary's labels are in them: a count task looks its shards' labels
     up (one hash pass, for one shard or, over many labels, several: :data:`LOOKUP_ALONE_LABELS`); the vocabulary
-    grows, and is sorted again, only when a shard brings labels it lacks.
+    grows only when a shard brings labels it lacks, which are put where they belong (:meth:`_grow`), and each
+    version records where the previous one's labels went (:class:`_Growth`).
 
     Shared by a count run's tasks in a process (:class:`_RunVocabularies`), a task's counts are over the whole
     vocabulary, so that the counts of a run's tasks on one worker share it: merging them unites no vocabularies

@@ -35,6 +35,25 @@ def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return min(times), out
 
 
+def interleaved(
+    runs: dict[str, Callable[[], Any]], repeat: int
+) -> tuple[dict[str, list[float]], dict[str, Any], float]:
+    """Each of ``runs`` timed ``repeat`` times, taking turns so that a noisy host's slow minutes fall on all of
+    them, after a first call of the last one (a compiled kernel's compilation): the seconds of each call, each
+    one's last result, and the first call's seconds."""
+    start = time.perf_counter()
+    list(runs.values())[-1]()
+    first_s = time.perf_counter() - start
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, Any] = {}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, results, first_s
+
+
 def host_speed() -> dict[str, float]:
     """A few seconds of fixed work that says what kind of host a run had, recorded with its results.
 

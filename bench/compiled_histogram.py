@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
-from common import host_speed, write_result
+from common import host_speed, interleaved, write_result
 
 from pmi_pipeline import cooccurrence
 from pmi_pipeline.shards import discover_shards, distinct_pairs, read_shard_codes
@@ -72,16 +71,7 @@ def main() -> None:
             counter.add(example_codes, label_codes)
         return counter.result().toarray()
 
-    start = time.perf_counter()
-    compiled()
-    compile_s = time.perf_counter() - start
-    seconds = {"library": [], "compiled": []}
-    results = {}
-    for _ in range(args.repeat):  # interleaved
-        for name, fn in (("library", library), ("compiled", compiled)):
-            start = time.perf_counter()
-            results[name] = fn()
-            seconds[name].append(time.perf_counter() - start)
+    seconds, results, compile_s = interleaved({"library": library, "compiled": compiled}, args.repeat)
     if not np.array_equal(results["library"], results["compiled"]):
         raise AssertionError("the compiled kernel's counts differ from the library's")
     out = {

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import time
 from pathlib import Path
 
 import numpy as np
-from common import host_speed, write_result
+from common import host_speed, interleaved, write_result
 
 from pmi_pipeline import cooccurrence
 from pmi_pipeline.shards import discover_shards, distinct_pairs, read_shard_codes
@@ -106,16 +105,7 @@ def main() -> None:
             counter.add(e, c)
         return counter.result()
 
-    start = time.perf_counter()
-    compiled()
-    compile_s = time.perf_counter() - start
-    seconds: dict[str, list[float]] = {"library": [], "compiled": []}
-    results = {}
-    for _ in range(args.repeat):  # interleaved
-        for name, fn in (("library", library), ("compiled", compiled)):
-            start = time.perf_counter()
-            results[name] = fn()
-            seconds[name].append(time.perf_counter() - start)
+    seconds, results, compile_s = interleaved({"library": library, "compiled": compiled}, args.repeat)
     if (results["library"] != results["compiled"]).nnz:
         raise AssertionError("the compiled kernel's counts differ from the library's")
     out = {

@@ -54,6 +54,20 @@ def interleaved(
     return seconds, results, first_s
 
 
+def kernel_report(seconds: dict[str, list[float]], **fields: Any) -> tuple[dict[str, Any], str]:
+    """The result file of ways of counting the same ``fields["n_shards"]`` shards timed with :func:`interleaved`:
+    the date, the host's speed, ``fields`` and each way's ms per shard; and a line giving each one's best."""
+    out = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "host_speed": host_speed(),
+        **fields,
+        "ms_per_shard": {name: [1000 * s / fields["n_shards"] for s in times] for name, times in seconds.items()},
+    }
+    best = ", ".join(f"{name} {min(ms):.2f} ms" for name, ms in out["ms_per_shard"].items())
+    repeat = len(next(iter(seconds.values())))
+    return out, f"{best} per shard (best of {repeat})"
+
+
 def host_speed() -> dict[str, float]:
     """A few seconds of fixed work that says what kind of host a run had, recorded with its results.
 

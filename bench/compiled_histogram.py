@@ -13,12 +13,11 @@ writes bench/results/compiled-histogram-<time>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
 import psutil
-from common import host_speed, interleaved, write_result
+from common import interleaved, kernel_report, write_result
 
 from pmi_pipeline import cooccurrence
 from pmi_pipeline.shards import discover_shards, distinct_pairs, read_shard_codes
@@ -74,21 +73,17 @@ def main() -> None:
     seconds, results, compile_s = interleaved({"library": library, "compiled": compiled}, args.repeat)
     if not np.array_equal(results["library"], results["compiled"]):
         raise AssertionError("the compiled kernel's counts differ from the library's")
-    out = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "host_speed": host_speed(),
-        "corpus": str(args.corpus),
-        "n_shards": len(codes),
-        "n_labels": m,
-        "numba": numba.__version__,
-        "numba_import_mib": (imported - before) / 2**20,
-        "first_call_s": compile_s,
-        "ms_per_shard": {name: [1000 * s / len(codes) for s in times] for name, times in seconds.items()},
-    }
-    best = {name: min(times) for name, times in out["ms_per_shard"].items()}
+    out, best = kernel_report(
+        seconds,
+        corpus=str(args.corpus),
+        n_shards=len(codes),
+        n_labels=m,
+        numba=numba.__version__,
+        numba_import_mib=(imported - before) / 2**20,
+        first_call_s=compile_s,
+    )
     print(
-        f"{len(codes)} shards over {m:,} labels: library {best['library']:.2f} ms, compiled {best['compiled']:.2f} ms "
-        f"per shard (best of {args.repeat}), same counts; numba {numba.__version__}: import +"
+        f"{len(codes)} shards over {m:,} labels: {best}, same counts; numba {numba.__version__}: import +"
         f"{out['numba_import_mib']:.0f} MiB RSS, first call {compile_s:.2f} s"
     )
     print(f"wrote {write_result('compiled-histogram', out)}")

@@ -13,11 +13,10 @@ checks that both give the same counts and writes bench/results/compiled-rows-<ti
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
-from common import host_speed, interleaved, write_result
+from common import interleaved, kernel_report, write_result
 
 from pmi_pipeline import cooccurrence
 from pmi_pipeline.shards import discover_shards, distinct_pairs, read_shard_codes
@@ -108,22 +107,16 @@ def main() -> None:
     seconds, results, compile_s = interleaved({"library": library, "compiled": compiled}, args.repeat)
     if (results["library"] != results["compiled"]).nnz:
         raise AssertionError("the compiled kernel's counts differ from the library's")
-    out = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "host_speed": host_speed(),
-        "corpus": str(args.corpus),
-        "n_shards": len(shards),
-        "n_labels": m,
-        "n_pairs": int(results["library"].nnz),
-        "numba": numba.__version__,
-        "first_call_s": compile_s,
-        "ms_per_shard": {name: [1000 * s / len(shards) for s in times] for name, times in seconds.items()},
-    }
-    best = {name: min(times) for name, times in out["ms_per_shard"].items()}
-    print(
-        f"{len(shards)} shards over {m:,} labels: library {best['library']:.2f} ms, compiled rows "
-        f"{best['compiled']:.2f} ms per shard (best of {args.repeat}), same counts"
+    out, best = kernel_report(
+        seconds,
+        corpus=str(args.corpus),
+        n_shards=len(shards),
+        n_labels=m,
+        n_pairs=int(results["library"].nnz),
+        numba=numba.__version__,
+        first_call_s=compile_s,
     )
+    print(f"{len(shards)} shards over {m:,} labels: {best}, same counts")
     print(f"wrote {write_result('compiled-rows', out)}")
 
 

@@ -83,6 +83,13 @@ class Counts:
                 f"inconsistent shapes: {m} labels, counts {self.label_counts.shape}, pairs {self.pairs.shape}"
             )
 
+    def __reduce__(self) -> tuple[Callable[..., Counts], tuple[Any, ...]]:
+        """Pickled with its labels as Arrow strings (:data:`_ARROW_LABELS`), which travel as a few buffers: counts
+        move between Dask workers and to the client pickled, and pickling 842,676 labels as Python strings took
+        0.5 s each time (docs/performance.md, fifteenth pass)."""
+        arrow = _ARROW_LABELS.get(self.labels)
+        return _counts_from_arrow, (arrow, self.label_counts, self.pairs, self.n_examples, self.manifest)
+
     @classmethod
     def empty(cls) -> Counts:
         return cls(np.empty(0, dtype=object), np.empty(0, np.int64), sp.csr_matrix((0, 0), dtype=np.int64))
@@ -214,6 +221,62 @@ class Counts:
             return cls(labels, z["label_counts"], pairs, int(meta["n_examples"]), meta["manifest"])
 
 
+def _counts_from_arrow(
+    arrow: pa.Array,
+    label_counts: np.ndarray,
+    pairs: sp.csr_matrix,
+    n_examples: int,
+    manifest: dict[str, dict[str, Any]],
+) -> Counts:
+    """Counts unpickled (:meth:`Counts.__reduce__`): the labels made Python strings again, their Arrow form kept."""
+    labels = arrow.to_numpy(zero_copy_only=False).astype(object, copy=False)
+    _ARROW_LABELS.remember(labels, arrow)
+    return Counts(labels, label_counts, pairs, n_examples, manifest)
+
+
+class _ArrowLabels:
+    """The Arrow form (large strings) of the vocabularies made or met in this process, each kept while its
+    vocabulary (an object array, never changed once made) lives. Vocabularies are made in Arrow (a count run's,
+    :class:`_Vocabulary`; unions, :func:`_sorted_union_arrow`) and are needed in Arrow again: to pickle counts,
+    and to unite the vocabularies of counts made in other processes. Converting 842,676 Python strings to Arrow
+    took 0.2 s each time (docs/performance.md, fifteenth pass)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # id of a vocabulary -> (the vocabulary, weakly; its Arrow form)
+        self._arrow: dict[int, tuple[weakref.ref[np.ndarray], pa.Array]] = {}
+
+    def remember(self, labels: np.ndarray, arrow: pa.Array) -> None:
+        """``arrow`` is ``labels`` as Arrow large strings."""
+        key = id(labels)
+        with self._lock:
+            entry = self._arrow.get(key)
+            if entry is not None and entry[0]() is labels:
+                return
+            self._arrow[key] = (weakref.ref(labels), arrow)
+        # forgotten as the vocabulary is let go, before its id can be reused; not at exit
+        weakref.finalize(labels, self._forget, key).atexit = False
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._arrow.pop(key, None)
+
+    def get(self, labels: np.ndarray) -> pa.Array:
+        """``labels`` as Arrow large strings: the form kept, else converted (and kept)."""
+        entry = self._arrow.get(id(labels))
+        if entry is not None and entry[0]() is labels:
+            return entry[1]
+        arrow = pa.array(labels, pa.large_string())
+        self.remember(labels, arrow)
+        return arrow
+
+    def __len__(self) -> int:
+        return len(self._arrow)
+
+
+_ARROW_LABELS = _ArrowLabels()
+
+
 def _strictly_sorted(labels: np.ndarray) -> bool:
     """Whether a vocabulary is in sorted order, without repeats (one pass; 0.7 ms at 10^5 labels)."""
     return labels.size < 2 or bool(np.all(labels[1:] > labels[:-1]))
@@ -298,30 +361,53 @@ _GROWTH = _Growth()
 
 
 def _sorted_union_many(vocabularies: Sequence[np.ndarray | pa.Array]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Sorted union of vocabularies (numpy str or Arrow arrays) and where each one's labels land in it, in one
-    hash pass and one sort in Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels).
-    Positions are increasing for a sorted vocabulary, so codes sorted within an example stay sorted."""
-    labels, positions = _sorted_union_arrow(vocabularies)
-    return labels.to_numpy(zero_copy_only=False).astype(object), positions
+    """Sorted union of vocabularies (numpy str or Arrow arrays), each without repeats, and where each one's labels
+    land in it, in Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels). Positions are
+    increasing for a sorted vocabulary, so codes sorted within an example stay sorted."""
+    arrow, positions = _sorted_union_arrow(vocabularies, repeats=False)
+    labels = arrow.to_numpy(zero_copy_only=False).astype(object)
+    _ARROW_LABELS.remember(labels, arrow)
+    return labels, positions
 
 
-def _sorted_union_arrow(vocabularies: Sequence[np.ndarray | pa.Array]) -> tuple[pa.Array, list[np.ndarray]]:
+def _sorted_union_arrow(
+    vocabularies: Sequence[np.ndarray | pa.Array], *, repeats: bool = True
+) -> tuple[pa.Array, list[np.ndarray]]:
     """:func:`_sorted_union_many`, its labels as Arrow large strings: for a caller that needs both forms, so that
-    it does not convert the Python strings back."""
-    both = pc.dictionary_encode(pa.concat_arrays([_arrow_strings(v) for v in vocabularies]))
-    distinct = both.dictionary
-    order = pc.sort_indices(distinct).to_numpy(zero_copy_only=False)
-    rank = np.empty(order.size, np.int64)
-    rank[order] = np.arange(order.size)
-    position = rank[both.indices.to_numpy(zero_copy_only=False)]
-    labels = distinct.take(pa.array(order))
+    it does not convert the Python strings back.
+
+    The result is the same either way; ``repeats`` says which way is faster. Labels that each vocabulary holds
+    once (``repeats=False``: the vocabularies of counts) are sorted all together, and a label met twice is next
+    to itself. Arrays that repeat labels (the dictionaries of a run's shards) are made distinct by a hash pass
+    first, and only the distinct labels are sorted. Two vocabularies of about 716,000 of 842,676 labels took
+    0.24 s the first way and 0.41 s the second; the dictionaries of 8 shards over 10^5 labels took 0.21 s and
+    0.14 s (docs/performance.md, fifteenth pass)."""
+    strings = pa.concat_arrays([_arrow_strings(v) for v in vocabularies])
+    if repeats:
+        both = pc.dictionary_encode(strings)
+        distinct = both.dictionary
+        order = pc.sort_indices(distinct).to_numpy(zero_copy_only=False)
+        rank = np.empty(order.size, np.int64)
+        rank[order] = np.arange(order.size)
+        position = rank[both.indices.to_numpy(zero_copy_only=False)]
+        labels = distinct.take(pa.array(order))
+    else:
+        order = pc.sort_indices(strings)
+        in_order = strings.take(order)
+        first = np.ones(len(in_order), bool)  # the first of its run of equal labels
+        if len(in_order) > 1:
+            later, earlier = in_order.slice(1), in_order.slice(0, len(in_order) - 1)
+            first[1:] = pc.not_equal(later, earlier).to_numpy(zero_copy_only=False)
+        position = np.empty(len(in_order), np.int64)
+        position[order.to_numpy(zero_copy_only=False)] = np.cumsum(first) - 1
+        labels = in_order.filter(pa.array(first))
     return labels, np.split(position, np.cumsum([len(v) for v in vocabularies])[:-1])
 
 
 def _arrow_strings(values: np.ndarray | pa.Array) -> pa.Array:
     if isinstance(values, pa.Array):
         return values.cast(pa.large_string())
-    return pa.array(values, pa.large_string())
+    return _ARROW_LABELS.get(values)
 
 
 def _positions(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
@@ -698,6 +784,7 @@ class _Vocabulary:
             labels = arrow.to_numpy(zero_copy_only=False).astype(object)
             if known is not None:
                 _GROWTH.record(labels, known[0], positions[0])
+            _ARROW_LABELS.remember(labels, arrow)
             self._known = (labels, arrow)
             return self._known, positions[-1]
         new = new.take(pc.sort_indices(new))
@@ -707,6 +794,7 @@ class _Vocabulary:
         position[hit] = old_at[found[hit]]
         position[~hit] = new_at[pc.index_in(missing, value_set=new).to_numpy(zero_copy_only=False)]
         _GROWTH.record(labels, known[0], old_at)
+        _ARROW_LABELS.remember(labels, arrow)
         self._known = (labels, arrow)
         return self._known, position
 

@@ -367,6 +367,61 @@ def test_a_merge_reuses_a_vocabulary_only_where_it_is_the_sorted_union(eurlex_di
     assert merged.labels.tolist() == sorted(union.tolist()) and merged.equals(expected)
 
 
+@pytest.mark.parametrize("repeats", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_both_ways_of_uniting_labels_give_the_sorted_union(seed, repeats):
+    """``_sorted_union_arrow`` either hashes then sorts the distinct labels (``repeats``) or sorts all labels and
+    drops those next to an equal one: the same union, in Python's order of ``str`` (code points), and the same
+    positions, whether the arrays are sorted vocabularies, unsorted, repeat labels or are empty."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    stems = ["label", "Label", "étiquette", "метка", "标签", "\U0001f3f7 tag", "a b", "z", "é"]
+    names = np.array([f"{stems[i % len(stems)]}{i:02d}" for i in range(90)] + stems, dtype=object)
+    arrays = [
+        np.array(sorted(set(rng.choice(names, 40).tolist())), dtype=object),  # a vocabulary
+        np.array(sorted(set(rng.choice(names, 60).tolist())), dtype=object),
+        rng.choice(names, 30),  # unsorted, with repeats
+        pa.array(rng.choice(names, 20).tolist()),  # Arrow, not large strings
+        np.empty(0, dtype=object),
+    ]
+    labels, positions = cooccurrence._sorted_union_arrow(arrays, repeats=repeats)
+    union = sorted({str(x) for a in arrays for x in (a.to_pylist() if isinstance(a, pa.Array) else a.tolist())})
+    assert labels.type == pa.large_string() and labels.to_pylist() == union
+    for a, position in zip(arrays, positions, strict=True):
+        values = a.to_pylist() if isinstance(a, pa.Array) else a.tolist()
+        assert position.dtype == np.int64 and np.asarray(union, dtype=object)[position].tolist() == values
+    other_labels, other_positions = cooccurrence._sorted_union_arrow(arrays, repeats=not repeats)
+    assert other_labels.equals(labels)
+    assert all(np.array_equal(a, b) for a, b in zip(positions, other_positions, strict=True))
+
+
+def test_counts_pickle_with_their_labels_as_arrow_strings(eurlex_dir, monkeypatch):
+    """Counts travel between Dask workers pickled: the labels go as Arrow strings and come back as the same
+    Python strings, with every count, and the Arrow form is kept with the unpickled vocabulary (pickling it again
+    or uniting it converts nothing) until that vocabulary is let go."""
+    import pickle
+
+    import pyarrow as pa
+
+    counts = count_shard(discover_shards([eurlex_dir])[0])
+    loaded = pickle.loads(pickle.dumps(counts, protocol=5))
+    assert loaded.equals(counts) and loaded.labels.tolist() == counts.labels.tolist()
+    assert loaded.labels.dtype == object and all(type(x) is str for x in loaded.labels)
+    assert loaded.pairs.dtype == counts.pairs.dtype and loaded.n_examples == counts.n_examples
+    assert loaded.manifest == counts.manifest
+    with monkeypatch.context() as patched:
+        patched.setattr(pa, "array", None)  # any conversion of Python strings would fail
+        kept = cooccurrence._ARROW_LABELS.get(loaded.labels)
+        assert cooccurrence._ARROW_LABELS.get(loaded.labels) is kept
+    assert kept.to_pylist() == counts.labels.tolist()
+    assert pickle.loads(pickle.dumps(Counts.empty())).n_labels == 0
+    key = id(loaded.labels)
+    del loaded
+    gc.collect()
+    assert key not in cooccurrence._ARROW_LABELS._arrow
+
+
 def test_save_load_round_trip(bibtex_dir, tmp_path):
     counts = count_shards(discover_shards([bibtex_dir])).counts
     loaded = Counts.load(counts.save(tmp_path / "counts.npz"))

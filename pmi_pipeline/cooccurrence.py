@@ -314,23 +314,32 @@ class _Growth:
     grew) are moved to a later one by composing these moves, with no label compared or hashed. Uniting two
     vocabularies of 842,676 labels otherwise took 0.3-0.6 s, 22% of a count of 10^7 annotations over them
     (docs/performance.md, fourteenth pass). A version that is let go is spliced out: the versions grown from it
-    then come from the one it grew from, their moves composed."""
+    then come from the one it grew from, their moves composed, or, for a run's first version, from none.
+
+    Every version met, first versions included, is spliced out as it is let go. A first version that was not
+    left its children's records naming its id: a later version given that id, let go in turn, composed their
+    moves with its own (docs/performance.md, fifteenth pass)."""
 
     def __init__(self) -> None:
         # Reentrant: a version may be let go (and spliced out) by a thread that holds the lock.
         self._lock = threading.RLock()
         # id of a version -> (id of the version it grew from, that version (weakly), where its labels are in it)
         self._parent: dict[int, tuple[int, weakref.ref[np.ndarray], np.ndarray]] = {}
+        self._watched: set[int] = set()  # ids of the live versions that will be spliced out when let go
 
     def record(self, grown: np.ndarray, earlier: np.ndarray, moved: np.ndarray) -> None:
         """``grown`` was made from ``earlier``, whose labels are at ``moved`` in it."""
         with self._lock:
             self._parent[id(grown)] = (id(earlier), weakref.ref(earlier), moved.astype(index_dtype(grown.size)))
-        # run as it is let go, before its id can be reused; not at exit, where nothing is left to unite
-        weakref.finalize(grown, self._splice, id(grown)).atexit = False
+            unwatched = [version for version in (grown, earlier) if id(version) not in self._watched]
+            self._watched.update(id(version) for version in unwatched)
+        for version in unwatched:
+            # run as it is let go, before its id can be reused; not at exit, where nothing is left to unite
+            weakref.finalize(version, self._splice, id(version)).atexit = False
 
     def _splice(self, key: int) -> None:
         with self._lock:
+            self._watched.discard(key)
             entry = self._parent.pop(key, None)
             for child, (parent, _, moved) in list(self._parent.items()):
                 if parent == key:

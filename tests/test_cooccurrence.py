@@ -334,6 +334,25 @@ def test_counts_move_to_a_later_version_of_a_vocabulary_without_uniting_labels(k
     assert set(cooccurrence._GROWTH._parent) <= recorded
 
 
+def test_letting_a_first_version_go_leaves_no_record_naming_it():
+    """A run's first vocabulary is spliced out as it is let go, like the versions grown from it: no record names
+    its id afterwards, where a later version given that id would take its place (and have its moves composed
+    with those of versions it never grew into)."""
+    import pyarrow as pa
+
+    vocabulary = cooccurrence._Vocabulary()
+    first = vocabulary.locate([pa.array([f"label {i:03d}" for i in range(0, 200, 2)])])[0]
+    grown = vocabulary.locate([pa.array(["label 001"])])[0]  # inserted: a version grown from the first
+    parents = {key: entry[0] for key, entry in cooccurrence._GROWTH._parent.items()}
+    assert parents[id(grown)] == id(first)
+    key = id(first)
+    del first
+    gc.collect()
+    assert key not in {entry[0] for entry in cooccurrence._GROWTH._parent.values()}
+    assert key not in cooccurrence._GROWTH._watched
+    assert cooccurrence._sorted_union(grown, np.array(["label 001"], dtype=object))[0].tolist() == grown.tolist()
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_count_is_over_its_own_labels_and_leaves_no_vocabulary_behind(workers, dask_clients, data_dir):
     """Counts of one corpus, then of another, in the same process (the one worker, or this process): the second

@@ -459,8 +459,12 @@ def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> 
 
 
 #: Label pairs enumerated at once when counting (4 or 8 bytes each, a few arrays of that size): bounds that part
-#: of a count's working memory however many labels its examples have.
-PAIR_BLOCK = 1 << 21
+#: of a count's working memory however many labels its examples have. With 16 MiB batches (:data:`BATCH_BYTES`),
+#: a batch of 20 shards over 10^5 labels (12 million pairs) is sorted in 2 blocks, 2 CSR parts, where a batch of
+#: half as many shards made 3 with 2^21 pairs, and half as many batches are merged: 2-worker counts of 10^8
+#: annotations took 16.9 s and 18.7 s against 18.5 s and 20.4 s with 2^21 pairs and 8 MiB batches, each worker
+#: peaking about 80 MiB higher (docs/performance.md, fifteenth pass).
+PAIR_BLOCK = 1 << 23
 #: Examples with up to this many labels have their pairs enumerated as whole columns: for examples of ``L``
 #: labels, one vector operation per position pair (i, j), i < j, over all of them. Larger ones (rare, with up to
 #: ``L * (L - 1) / 2`` position pairs each) go through :func:`_general_pair_counts`.
@@ -1100,9 +1104,10 @@ _LIBC: Any = None
 #: time once its run's vocabulary holds its labels (:func:`_count_consumed`; up to :data:`WAITING_SHARDS` over
 #: more than :data:`LOOKUP_ALONE_LABELS` labels), so what grows with the batch is
 #: its counter's pairs (at 10^5 labels) and its shards' example-id fingerprints (8 bytes per example). 8 MiB
-#: against 4: 11% faster at 10^3 labels, as fast at 10^5, the same tree peak; 16 MiB cost 30 MiB more of it
-#: (docs/performance.md, tenth pass).
-BATCH_BYTES = 8 << 20
+#: against 4: 11% faster at 10^3 labels, as fast at 10^5 (tenth pass). 16 MiB against 8, with a
+#: :data:`PAIR_BLOCK` of 2^23 pairs: 13% faster at 10^3 labels with the same worker peaks, 8-9% faster at 10^5
+#: labels; 16 MiB alone was as fast at 10^5 labels (docs/performance.md, fifteenth pass).
+BATCH_BYTES = 16 << 20
 #: Batches per worker thread at least, while there are shards enough, so that every worker stays busy to the end.
 BATCHES_PER_SLOT = 4
 

@@ -12,7 +12,9 @@ unrelated as two workers' are). Then, best of ``--repeat``, in milliseconds:
   Arrow form was not kept);
 - ``union_by_hash`` / ``union_by_sort``: ``_sorted_union_arrow`` of the two vocabularies' Arrow forms, with a
   hash pass (``repeats=True``) or by one sort of all labels (``repeats=False``, what ``_sorted_union`` does);
-- ``sorted_union``: ``_sorted_union`` of the two as counts carry them (Arrow forms kept).
+- ``sorted_union``: ``_sorted_union`` of the two as counts carry them (Arrow forms kept);
+- ``dictionaries_by_hash`` / ``dictionaries_by_sort``: the same two ways, for the dictionaries of the first 8
+  shards (as a run's vocabulary grows: they repeat labels).
 
 ::
 
@@ -34,7 +36,7 @@ from common import best, write_result
 
 from pmi_pipeline import cooccurrence
 from pmi_pipeline.cooccurrence import count_shards
-from pmi_pipeline.shards import discover_shards
+from pmi_pipeline.shards import discover_shards, read_shard_codes
 
 
 def main() -> None:
@@ -51,6 +53,7 @@ def main() -> None:
     as_before = (a.labels, a.label_counts, a.pairs, a.n_examples, a.manifest)  # what Counts pickled before
     pickled_strings = pickle.dumps(as_before, protocol=5)
     pickled_counts = pickle.dumps(a, protocol=5)
+    dictionaries = [read_shard_codes(p).dictionary.cast(pa.large_string()) for p in paths[:8]]
     union = {}
     steps = {
         "pickle_python_strings": lambda: pickle.dumps(as_before, protocol=5),
@@ -61,6 +64,8 @@ def main() -> None:
         "union_by_hash": lambda: union.setdefault("hash", cooccurrence._sorted_union_arrow(arrows, repeats=True)),
         "union_by_sort": lambda: union.setdefault("sort", cooccurrence._sorted_union_arrow(arrows, repeats=False)),
         "sorted_union": lambda: cooccurrence._sorted_union(a.labels, b.labels),
+        "dictionaries_by_hash": lambda: cooccurrence._sorted_union_arrow(dictionaries, repeats=True),
+        "dictionaries_by_sort": lambda: cooccurrence._sorted_union_arrow(dictionaries, repeats=False),
     }
     ms = {name: 1000 * best(args.repeat, fn)[0] for name, fn in steps.items()}
     if not union["hash"][0].equals(union["sort"][0]):

@@ -85,8 +85,9 @@ class Counts:
 
     def __reduce__(self) -> tuple[Callable[..., Counts], tuple[Any, ...]]:
         """Pickled with its labels as Arrow strings (:data:`_ARROW_LABELS`), which travel as a few buffers: counts
-        move between Dask workers and to the client pickled, and pickling 842,676 labels as Python strings took
-        0.5 s each time (docs/performance.md, fifteenth pass)."""
+        move between Dask workers and to the client pickled. Counts over 669,561 labels pickled in 266 ms and
+        unpickled in 162 ms with their labels as Python strings, against 102 and 110 ms so
+        (bench/vocabulary_cost.py; docs/performance.md, fifteenth pass)."""
         arrow = _ARROW_LABELS.get(self.labels)
         return _counts_from_arrow, (arrow, self.label_counts, self.pairs, self.n_examples, self.manifest)
 
@@ -238,8 +239,8 @@ class _ArrowLabels:
     """The Arrow form (large strings) of the vocabularies made or met in this process, each kept while its
     vocabulary (an object array, never changed once made) lives. Vocabularies are made in Arrow (a count run's,
     :class:`_Vocabulary`; unions, :func:`_sorted_union_arrow`) and are needed in Arrow again: to pickle counts,
-    and to unite the vocabularies of counts made in other processes. Converting 842,676 Python strings to Arrow
-    took 0.2 s each time (docs/performance.md, fifteenth pass)."""
+    and to unite the vocabularies of counts made in other processes, where converting 669,561 Python strings
+    took 32 ms each time (bench/vocabulary_cost.py; docs/performance.md, fifteenth pass)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -269,9 +270,6 @@ class _ArrowLabels:
         arrow = pa.array(labels, pa.large_string())
         self.remember(labels, arrow)
         return arrow
-
-    def __len__(self) -> int:
-        return len(self._arrow)
 
 
 _ARROW_LABELS = _ArrowLabels()
@@ -388,9 +386,9 @@ def _sorted_union_arrow(
     The result is the same either way; ``repeats`` says which way is faster. Labels that each vocabulary holds
     once (``repeats=False``: the vocabularies of counts) are sorted all together, and a label met twice is next
     to itself. Arrays that repeat labels (the dictionaries of a run's shards) are made distinct by a hash pass
-    first, and only the distinct labels are sorted. Two vocabularies of about 716,000 of 842,676 labels took
-    0.24 s the first way and 0.41 s the second; the dictionaries of 8 shards over 10^5 labels took 0.21 s and
-    0.14 s (docs/performance.md, fifteenth pass)."""
+    first, and only the distinct labels are sorted. Two vocabularies of 669,561 and 670,765 labels took 146 ms
+    the first way and 428 ms the second; the dictionaries of 8 of the same corpus's shards, 497 ms and 364 ms
+    (bench/vocabulary_cost.py; docs/performance.md, fifteenth pass)."""
     strings = pa.concat_arrays([_arrow_strings(v) for v in vocabularies])
     if repeats:
         both = pc.dictionary_encode(strings)

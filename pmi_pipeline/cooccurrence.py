@@ -230,9 +230,15 @@ def _counts_from_arrow(
     manifest: dict[str, dict[str, Any]],
 ) -> Counts:
     """Counts unpickled (:meth:`Counts.__reduce__`): the labels made Python strings again, their Arrow form kept."""
+    return Counts(_labels_of(arrow), label_counts, pairs, n_examples, manifest)
+
+
+def _labels_of(arrow: pa.Array) -> np.ndarray:
+    """A vocabulary made in Arrow as Python strings (an object array), its Arrow form kept with it
+    (:data:`_ARROW_LABELS`)."""
     labels = arrow.to_numpy(zero_copy_only=False).astype(object, copy=False)
     _ARROW_LABELS.remember(labels, arrow)
-    return Counts(labels, label_counts, pairs, n_examples, manifest)
+    return labels
 
 
 class _ArrowLabels:
@@ -372,9 +378,7 @@ def _sorted_union_many(vocabularies: Sequence[np.ndarray | pa.Array]) -> tuple[n
     land in it, in Arrow (Python sets and ``sorted`` took seconds per merge at 10^6 labels). Positions are
     increasing for a sorted vocabulary, so codes sorted within an example stay sorted."""
     arrow, positions = _sorted_union_arrow(vocabularies, repeats=False)
-    labels = arrow.to_numpy(zero_copy_only=False).astype(object)
-    _ARROW_LABELS.remember(labels, arrow)
-    return labels, positions
+    return _labels_of(arrow), positions
 
 
 def _sorted_union_arrow(
@@ -792,10 +796,9 @@ class _Vocabulary:
         if known is None or len(new) > GROW_BY_SORTING * known[0].size:
             before = [known[1]] if known is not None else []
             arrow, positions = _sorted_union_arrow([*before, strings])
-            labels = arrow.to_numpy(zero_copy_only=False).astype(object)
+            labels = _labels_of(arrow)
             if known is not None:
                 _GROWTH.record(labels, known[0], positions[0])
-            _ARROW_LABELS.remember(labels, arrow)
             self._known = (labels, arrow)
             return self._known, positions[-1]
         new = new.take(pc.sort_indices(new))

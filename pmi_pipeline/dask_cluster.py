@@ -43,6 +43,18 @@ WORKER_ARROW_POOL = {"distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_P
 #: empty for our LocalCluster; for workers started by ``dask worker``, set
 #: ``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False`` in their environment (docs/scale-out.md).
 WORKER_PROFILE = {"distributed.worker.profile.enabled": False}
+#: Every Dask server (the scheduler, each nanny, each worker) checks its event loop's health every 20 ms, nannies
+#: and workers check memory every 100 ms, and the scheduler samples the host every 500 ms. Idle, a 2-worker
+#: LocalCluster used 12-13% of a core so (the scheduler's process 6%, each worker 3%), and 3% with these checks
+#: every 500 ms and the host's every second (bench/idle_cluster.py). A worker's checks take the GIL from its task:
+#: 2-worker counts of 10^8 annotations took 5-17% less time at 10^5 labels and 9% less at 10^3 (medians,
+#: bench/count_ab.py; docs/performance.md, sixteenth pass). Event loops blocked for over 3 s are still reported,
+#: and a worker near its memory limit is still paused or restarted, within half a second.
+QUIET_EVENT_LOOPS = {
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.worker.memory.monitor-interval": "500ms",
+    "distributed.admin.system-monitor.interval": "1s",
+}
 
 
 @contextlib.contextmanager
@@ -84,7 +96,7 @@ def dask_client(
         return
     n_workers = n_workers or os.cpu_count() or 1
     # Kept until the cluster closes, for workers the nanny restarts too; and undone if the cluster fails to start.
-    with dask.config.set({**WORKER_MALLOC, **WORKER_ARROW_POOL, **WORKER_PROFILE}):
+    with dask.config.set({**WORKER_MALLOC, **WORKER_ARROW_POOL, **WORKER_PROFILE, **QUIET_EVENT_LOOPS}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

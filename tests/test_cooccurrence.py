@@ -7,6 +7,7 @@ import itertools
 import os
 import weakref
 
+import dask.utils
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -701,6 +702,29 @@ def test_local_workers_do_not_profile(dask_clients):
     for client in dask_clients.values():
         seen = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert set(seen.values()) == {False}
+
+
+@pytest.mark.parametrize(
+    ("callback", "setting", "dask_ms"), [("tick", "tick.interval", 20), ("memory_monitor", "monitor-interval", 100)]
+)
+def test_local_cluster_checks_its_event_loops_less_often(dask_clients, callback, setting, dask_ms):
+    """The scheduler, nannies and workers of our LocalCluster check their event loops and memory every 500 ms,
+    not every 20 and 100 ms (dask_cluster.QUIET_EVENT_LOOPS): idle, those checks took 14% of a core of 2, and the
+    workers' take the GIL from the count tasks."""
+    from pmi_pipeline.dask_cluster import QUIET_EVENT_LOOPS
+
+    key = next(k for k in QUIET_EVENT_LOOPS if k.endswith(setting))
+    ms = dask.utils.parse_timedelta(QUIET_EVENT_LOOPS[key], default="ms") * 1000
+    assert ms > dask_ms  # Dask's default
+
+    def interval(dask_worker) -> float:
+        return dask_worker.periodic_callbacks[callback].callback_time
+
+    for client in dask_clients.values():
+        for nanny in (False, True):
+            assert set(client.run(interval, nanny=nanny).values()) == {ms}
+        if callback == "tick":
+            assert client.run_on_scheduler(lambda dask_scheduler: interval(dask_scheduler)) == ms
 
 
 @pytest.mark.parametrize(("dense_cells", "trims"), [(1 << 30, 1), (0, 0)])  # pair histogram, or sparse parts

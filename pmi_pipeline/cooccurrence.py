@@ -1272,18 +1272,18 @@ def count_shards(
                 continue
             # A batch is done. Only its outcomes (errors, content hashes, fingerprints: 8 bytes per example) travel
             # here; its counts stay on the workers, in the merge tasks that use them. Nothing waits here: the
-            # outcomes are taken as they come, so merges are submitted as soon as a batch is done. These small
-            # tasks and the merges go first (priority 1): otherwise a worker runs every waiting count task before
-            # them, and holds every batch's counts until the end.
-            outcomes = client.submit(_second, future, pure=False, priority=1)
+            # outcomes are taken as they come, so merges are submitted as soon as a batch is done. The merges go
+            # before any waiting count task (priority 1): otherwise a worker runs every waiting count task before
+            # them, and holds every batch's counts until the end. These two small tasks go before any waiting merge
+            # (priority 2): queued behind a worker's merges, the last batch's outcomes reached this process 0.4-0.6
+            # s after its count, and the last merges waited for them (docs/performance.md, sixteenth pass).
+            outcomes = client.submit(_second, future, pure=False, priority=2)
             outcome_of[outcomes.key] = batch_of[future.key]
             pending.add(outcomes)
             worker = _holder(client, future)
-            sums.add(client.submit(_first, future, pure=False, priority=1, **_near(worker)), worker)
+            sums.add(client.submit(_first, future, pure=False, priority=2, **_near(worker)), worker)
             future.release()
         del futures
-        # Every count task is done. (After an error, the workers forget the vocabulary as other runs come.)
-        client.run(_forget_run_vocabulary, run, on_error="ignore")
     fingerprints.close_directory()  # every count task is done
     total = sums.total()  # the last merges run on the workers while this process checks for repeats below
 
@@ -1318,6 +1318,10 @@ def count_shards(
     if counts is None:
         counts = _wait(total)
         del total
+    if client is not None:
+        # Every task of the run is done: the workers forget its vocabulary and hand their freed heap back (not
+        # while they merge, which would fault it in again). After an error, they forget it as other runs come.
+        client.run(_forget_run_vocabulary, run, on_error="ignore")
     rejected.sort(key=lambda e: str(e.path))
     fault_point("count:merged")
     return CountResult(counts.sorted().widened(), rejected, time.perf_counter() - start, fingerprints)

@@ -44,10 +44,10 @@ WORKER_ARROW_POOL = {"distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_P
 #: ``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False`` in their environment (docs/scale-out.md).
 WORKER_PROFILE = {"distributed.worker.profile.enabled": False}
 #: Every Dask server (the scheduler, each nanny, each worker) checks its event loop's health every 20 ms, nannies
-#: and workers check memory every 100 ms, and the scheduler samples the host every 500 ms. Idle, a 2-worker
-#: LocalCluster used 12-13% of a core so (the scheduler's process 6%, each worker 3%), and 3% with these checks
-#: every 500 ms and the host's every second (bench/idle_cluster.py). A worker's checks take the GIL from its task:
-#: 2-worker counts of 10^8 annotations took 5-17% less time at 10^5 labels and 9% less at 10^3 (medians,
+#: and workers check memory every 100 ms, and the scheduler and workers sample the host every 500 ms. Idle, a
+#: 2-worker LocalCluster used 12-13% of a core so (the scheduler's process 6%, each worker 3%), and 3% with these
+#: checks every 500 ms and the host's every second (bench/idle_cluster.py). A worker's checks take the GIL from its
+#: task: 2-worker counts of 10^8 annotations took 5-17% less time at 10^5 labels and 9% less at 10^3 (medians,
 #: bench/count_ab.py; docs/performance.md, sixteenth pass). Event loops blocked for over 3 s are still reported,
 #: and a worker near its memory limit is still paused or restarted, within half a second.
 QUIET_EVENT_LOOPS = {

@@ -709,8 +709,8 @@ def test_local_workers_do_not_profile(dask_clients):
 )
 def test_local_cluster_checks_its_event_loops_less_often(dask_clients, callback, setting, dask_ms):
     """The scheduler, nannies and workers of our LocalCluster check their event loops and memory every 500 ms,
-    not every 20 and 100 ms (dask_cluster.QUIET_EVENT_LOOPS): idle, those checks took 14% of a core of 2, and the
-    workers' take the GIL from the count tasks."""
+    not every 20 and 100 ms (dask_cluster.QUIET_EVENT_LOOPS): idle, those checks took 12-13% of a core
+    (bench/idle_cluster.py), and the workers' take the GIL from the count tasks."""
     from pmi_pipeline.dask_cluster import QUIET_EVENT_LOOPS
 
     key = next(k for k in QUIET_EVENT_LOOPS if k.endswith(setting))

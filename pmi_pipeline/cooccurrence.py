@@ -1275,8 +1275,8 @@ def count_shards(
             # outcomes are taken as they come, so merges are submitted as soon as a batch is done. The merges go
             # before any waiting count task (priority 1): otherwise a worker runs every waiting count task before
             # them, and holds every batch's counts until the end. These two small tasks go before any waiting merge
-            # (priority 2): queued behind a worker's merges, the last batch's outcomes reached this process 0.4-0.6
-            # s after its count, and the last merges waited for them (docs/performance.md, sixteenth pass).
+            # (priority 2): the last merges are submitted once every batch's outcomes are here, and outcomes queued
+            # behind a worker's merges would hold them back (docs/performance.md, sixteenth pass).
             outcomes = client.submit(_second, future, pure=False, priority=2)
             outcome_of[outcomes.key] = batch_of[future.key]
             pending.add(outcomes)

@@ -468,8 +468,8 @@ def _upper_csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, m: int) -> 
 #: peaking about 80 MiB higher (docs/performance.md, fifteenth pass).
 PAIR_BLOCK = 1 << 23
 #: Examples with up to this many labels have their pairs enumerated as whole columns: for examples of ``L``
-#: labels, one vector operation per position pair (i, j), i < j, over all of them. Larger ones (rare, with up to
-#: ``L * (L - 1) / 2`` position pairs each) go through :func:`_general_pair_counts`.
+#: labels, one vector operation per position i, for its pairs (i, j), j > i, over all of them. Larger ones (rare,
+#: with up to ``L * (L - 1) / 2`` position pairs each) go through :func:`_general_pair_counts`.
 SMALL_EXAMPLE = 32
 #: Pair matrices of up to this many cells (``m * m``; 4 or 8 bytes each) are summed in a histogram rather than
 #: as sparse parts added at the end: twice as fast where labels are few.
@@ -507,9 +507,9 @@ class PairCounter:
     not the whole batch's (docs/performance.md, eighth pass). Each example's label pairs (a < b) are enumerated
     directly and counted by their keys ``a * m + b``: half the work of the symmetric sparse product, with no
     diagonal to drop. Examples are taken by size: the examples of ``L`` labels form an ``L x n`` matrix of label
-    codes, and the keys of their pairs at positions (i, j) are one vector operation on rows i and j, with no index
-    arithmetic per pair. Keys are counted ``block`` at a time. ``max_examples`` bounds the examples of all parts
-    together: pair counts are int32 while it is below 2^31.
+    codes, and the keys of their pairs at positions (i, j > i) are one broadcast addition of row i to the rows after
+    it, with no index arithmetic per pair. Keys are counted ``block`` at a time. ``max_examples`` bounds the
+    examples of all parts together: pair counts are int32 while it is below 2^31.
     """
 
     def __init__(self, m: int, *, max_examples: int, block: int = PAIR_BLOCK):
@@ -540,23 +540,23 @@ class PairCounter:
         size_class = np.minimum(sizes, SMALL_EXAMPLE + 1).astype(np.uint8)
         by_size = np.argsort(size_class, kind="stable").astype(index)  # a radix sort, for 8-bit values
         bounds = np.searchsorted(size_class[by_size], np.arange(SMALL_EXAMPLE + 2))
+        offsets = np.arange(SMALL_EXAMPLE, dtype=index)[:, None]
         for size in range(2, SMALL_EXAMPLE + 1):
             examples = by_size[bounds[size] : bounds[size + 1]]
             per_example = size * (size - 1) // 2
-            step = max(1, block // per_example)
+            step = max(1, block // max(per_example, size))  # a chunk's label matrix is at most a block too
             for c in range(0, examples.size, step):
                 first = starts[examples[c : c + step]]
                 n = first.size
-                labels = np.empty((size, n), counter.dtype)  # row i: the i-th label of each example
-                for i in range(size):
-                    labels[i] = label_codes[first + i]
+                # row i: the i-th label of each example, gathered at once (a gather per row took twice as long)
+                labels = label_codes[offsets[:size] + first].astype(counter.dtype, copy=False)
                 scaled = labels * counter.dtype(m)
                 keys = counter.reserve(per_example * n)
                 at = 0
-                for i in range(size - 1):
-                    for j in range(i + 1, size):
-                        np.add(scaled[i], labels[j], out=keys[at : at + n])
-                        at += n
+                for i in range(size - 1):  # the pairs (i, j > i) as one broadcast addition: size - 1 calls
+                    after = (size - 1 - i) * n
+                    np.add(scaled[i], labels[i + 1 :], out=keys[at : at + after].reshape(size - 1 - i, n))
+                    at += after
         if bounds[SMALL_EXAMPLE + 1] < by_size.size:  # some examples have more labels than that
             large = (sizes > SMALL_EXAMPLE)[example_codes]
             counter.add_matrix(_general_pair_counts(example_codes[large], label_codes[large], m, block=block))
@@ -626,17 +626,30 @@ class _KeyCounter:
 
 
 def _distinct_counts(sorted_keys: np.ndarray, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct values of sorted keys and how often each occurs (as ``dtype``)."""
-    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-    return sorted_keys[starts], np.diff(np.append(starts, sorted_keys.size)).astype(dtype)
+    """The distinct values of sorted keys and how often each occurs (as ``dtype``). Each step writes into an array
+    made for it: concatenating the first flag and appending the end copied the flags and the starts again, and
+    ``np.diff`` made int64 counts to cast (half of this function's time, docs/performance.md, seventeenth pass)."""
+    n = sorted_keys.size
+    if not n:
+        return sorted_keys[:0], np.empty(0, dtype)
+    first = np.empty(n, bool)
+    first[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    del first
+    counts = np.empty(starts.size, dtype)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1], casting="unsafe")  # counts are below n, which fits dtype
+    counts[-1] = n - starts[-1]
+    return sorted_keys[starts], counts
 
 
 def _keys_to_csr(keys: np.ndarray, counts: np.ndarray, m: int) -> sp.csr_matrix:
     """CSR of sorted distinct keys ``a * m + b`` and their counts."""
     dtype = index_dtype(m, keys.size)
+    rows, columns = np.divmod(keys, m)  # one division for both
     indptr = np.zeros(m + 1, dtype)
-    np.cumsum(np.bincount(keys // m, minlength=m), out=indptr[1:])
-    return sp.csr_matrix((counts, (keys % m).astype(dtype), indptr), shape=(m, m))
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    return sp.csr_matrix((counts, columns.astype(dtype, copy=False), indptr), shape=(m, m))
 
 
 def _general_pair_counts(
@@ -959,7 +972,8 @@ def _count_consumed(shards: Iterable[ShardCodes], vocabulary: _Vocabulary | None
             raise ValueError(f"shard(s) counted twice: {[shard.sha256]}")
         order.append(shard.sha256)
         used = np.flatnonzero(np.bincount(shard.entry_codes, minlength=len(shard.dictionary)))
-        dictionary = shard.dictionary.take(pa.array(used))
+        # A row group's dictionary usually holds only the labels it uses: then it is looked up as it is
+        dictionary = shard.dictionary if used.size == len(shard.dictionary) else shard.dictionary.take(pa.array(used))
         found = vocabulary.find(dictionary) if vocabulary.labels.size <= LOOKUP_ALONE_LABELS else None
         if found is None:
             waiting.append((shard, used, dictionary))

@@ -109,6 +109,17 @@ def test_pair_counter_fed_shard_by_shard_equals_one_pass(monkeypatch, dense_cell
     assert got.has_canonical_format and (got != whole).nnz == 0
 
 
+@pytest.mark.parametrize("keys", [[], [7], [3, 3, 3], [1, 2, 2, 5, 9, 9, 9], list(range(50))])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_distinct_counts_equal_numpy_unique(keys, dtype):
+    sorted_keys = np.asarray(keys, np.int64)
+    distinct, counts = cooccurrence._distinct_counts(sorted_keys, dtype)
+    expected, expected_counts = np.unique(sorted_keys, return_counts=True)
+    assert counts.dtype == dtype
+    np.testing.assert_array_equal(distinct, expected)
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
 def resplit(paths, out_dir, n_shards):
     """The same examples written as ``n_shards`` shards of unequal sizes."""
     ids, labels = [], []

@@ -1,8 +1,9 @@
 """Where a 2-worker count's time goes, from Dask's task stream: compute seconds per worker and task kind, seconds
 spent moving task inputs between workers, CPU seconds per process, and how long the run went on after its last
 count task (the merges and the transfer of the result that cannot run in parallel), with each task span of that
-tail. Then the same corpus is counted once in this process without Dask (``count_shards(paths, None)``), with
-the seconds inside its count tasks and its merges, for the same work done by one process alone: what the workers
+tail, and how long each batch's counts waited on their worker before the client's merges could take them. Then
+the same corpus is counted once in this process without Dask (``count_shards(paths, None)``), with the seconds
+inside its count tasks and its merges, for the same work done by one process alone: what the workers
 compute beyond that is what running side by side costs them.
 
     python bench/count_tasks.py /tmp/corpus          # a corpus written by `pmi-pipeline synth`
@@ -40,6 +41,30 @@ def in_process(paths: list[Path]) -> dict[str, float]:
         count_shards(paths, None, check_repeats=False)
         wall = time.perf_counter() - start
     return {"wall_s": wall, **{step: clock.seconds[step] for _, _, step in steps}}
+
+
+def waits_for_counts(spans: list[tuple[float, float, str, str, str]]) -> dict[str, dict[str, float]]:
+    """Per worker, how long a batch's counts waited after its count task before ``_first`` took them: the merges
+    that fold them into the worker's sum are submitted by the client only then. A ``_first`` is matched to the
+    worker's first count task before it that has none yet, in order; ``behind_next_count`` counts the batches
+    whose ``_first`` ran only after the worker's next count task had started."""
+    out = {}
+    for worker in sorted({w for *_, w in spans}):
+        mine = sorted((a, b, kind) for a, b, action, kind, w in spans if w == worker and action == "compute")
+        counts = [(a, b) for a, b, kind in mine if kind == "count-batch"]
+        firsts = [a for a, _, kind in mine if kind == "_first"]
+        waits, behind = [], 0
+        for (_, stop), first in zip(counts, firsts, strict=False):
+            waits.append(first - stop)
+            behind += any(stop <= a < first for a, _ in counts)
+        if waits:
+            out[worker] = {
+                "batches": len(counts),
+                "median_wait_s": round(sorted(waits)[len(waits) // 2], 3),
+                "max_wait_s": round(max(waits), 3),
+                "behind_next_count": behind,
+            }
+    return out
 
 
 def main() -> None:
@@ -98,6 +123,7 @@ def main() -> None:
             for kind in ("count-batch", "_merge_pair", "_merge_tile")
         },
         "in_process": alone,
+        "waits_for_counts": waits_for_counts(spans),
         # what ran after the last count task, seconds from the start: the last merges and the moves between workers;
         # from the last one's end to wall_s, the result travels to this process
         "tail": [

@@ -5,7 +5,8 @@ steps add up::
 
     python bench/count_steps.py /tmp/corpus --shards 120
 
-prints seconds, milliseconds per shard and shares, and writes bench/results/count-steps-<time>.json.
+prints seconds, milliseconds per shard and shares, and writes bench/results/count-steps-<time>.json. Run it
+with ``PYTHONPATH`` set to another checkout to time that one's library (the file records which was timed).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
         "host_speed": host_speed(),
+        "library": str(Path(cooccurrence.__file__).parent),
         "corpus": str(args.corpus),
         "n_shards": len(paths),
         "n_labels": result.counts.n_labels,

@@ -548,7 +548,7 @@ class PairCounter:
             for c in range(0, examples.size, step):
                 first = starts[examples[c : c + step]]
                 n = first.size
-                # row i: the i-th label of each example, gathered at once (a gather per row took twice as long)
+                # row i: the i-th label of each example, all rows gathered at once rather than one by one
                 labels = label_codes[offsets[:size] + first].astype(counter.dtype, copy=False)
                 scaled = labels * counter.dtype(m)
                 keys = counter.reserve(per_example * n)
@@ -628,7 +628,8 @@ class _KeyCounter:
 def _distinct_counts(sorted_keys: np.ndarray, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of sorted keys and how often each occurs (as ``dtype``). Each step writes into an array
     made for it: concatenating the first flag and appending the end copied the flags and the starts again, and
-    ``np.diff`` made int64 counts to cast (half of this function's time, docs/performance.md, seventeenth pass)."""
+    ``np.diff`` made int64 counts to cast. With :meth:`PairCounter.add`'s calls per label position, sorting and
+    counting a shard's keys took 3.9 ms less of 19 at 10^5 labels (docs/performance.md, seventeenth pass)."""
     n = sorted_keys.size
     if not n:
         return sorted_keys[:0], np.empty(0, dtype)

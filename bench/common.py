@@ -25,6 +25,19 @@ RESULTS = ROOT / "bench" / "results"
 SAMPLE_S = 0.05
 
 
+def sort_dispatch() -> Any:
+    """This checkout's :mod:`pmi_pipeline.sort_dispatch`, loaded by its path: a script that times another
+    checkout's library (``PYTHONPATH``) still sets numpy's dispatch as the ``pmi-pipeline`` command does, and
+    before that library imports numpy."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "pmi_pipeline" / "sort_dispatch.py"
+    spec = importlib.util.spec_from_file_location("_bench_sort_dispatch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     """The shortest of ``repeat`` timed calls of ``fn`` (seconds) and its last result."""
     times, out = [], None

@@ -7,6 +7,8 @@ steps add up::
 
 prints seconds, milliseconds per shard and shares, and writes bench/results/count-steps-<time>.json. Run it
 with ``PYTHONPATH`` set to another checkout to time that one's library (the file records which was timed).
+numpy's CPU dispatch is set as the ``pmi-pipeline`` command sets it (``sort_dispatch.use_fast_sort``: its AVX2
+sort on AMD Zen 4), whichever library is timed; ``NPY_DISABLE_CPU_FEATURES=`` (empty) keeps numpy's default.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import os
 import time
 from pathlib import Path
 
-from common import StepClock, host_speed, write_result
+from common import StepClock, host_speed, sort_dispatch, write_result
 
-from pmi_pipeline import cooccurrence
-from pmi_pipeline.cooccurrence import count_shards
-from pmi_pipeline.shards import discover_shards
+sort_dispatch().use_fast_sort()  # before numpy is imported
+
+from pmi_pipeline import cooccurrence  # noqa: E402
+from pmi_pipeline.cooccurrence import count_shards  # noqa: E402
+from pmi_pipeline.shards import discover_shards  # noqa: E402
 
 #: (where the function is looked up, its name, the step it is counted in)
 STEPS = [
@@ -57,6 +61,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "host_speed": host_speed(),
         "library": str(Path(cooccurrence.__file__).parent),
+        "numpy_environ": os.environ.get("NPY_DISABLE_CPU_FEATURES"),
         "corpus": str(args.corpus),
         "n_shards": len(paths),
         "n_labels": result.counts.n_labels,

@@ -51,6 +51,7 @@ from pmi_pipeline.shards import (
     read_annotations,
     read_shard_codes,
 )
+from pmi_pipeline.sort_dispatch import warn_if_sorting_slowly
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -1247,6 +1248,7 @@ def count_shards(
         fingerprints.release(o[1] for o in outcomes if not isinstance(o, ShardError))
 
     if client is None:
+        warn_if_sorting_slowly()
         try:
             for batch in batches:
                 counts, outcomes = count_batch(

@@ -11,6 +11,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from pmi_pipeline.errors import PipelineError
+from pmi_pipeline.sort_dispatch import AVX512_FEATURES, VARIABLE, numpy_sorts_slowly, sort_environ
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,36 @@ QUIET_EVENT_LOOPS = {
 }
 
 
+def worker_sort() -> dict[str, str]:
+    """Settings for the workers' environment that make numpy sort with its AVX2 kernel on AMD Zen 4, where its
+    AVX-512 one took 4-5x as long (:mod:`pmi_pipeline.sort_dispatch`): 2-worker counts of 10^8 annotations over
+    10^5 labels took 8.2 s against 16.9 s (docs/performance.md, eighteenth pass). Empty on other CPUs, and where
+    this process's environment sets ``NPY_DISABLE_CPU_FEATURES`` already (the workers inherit it)."""
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in sort_environ().items()}
+
+
+def warn_if_workers_sort_slowly(client: Client) -> list[str]:
+    """Log a warning naming the workers whose numpy sorts with its AVX-512 kernel on AMD Zen 4 (workers started
+    without ``NPY_DISABLE_CPU_FEATURES``, by ``dask worker``); return their addresses."""
+    try:
+        seen = client.run(numpy_sorts_slowly, on_error="return")
+    except Exception as exc:  # a check, not a reason to fail the run
+        log.debug("could not ask the workers how numpy sorts: %s", exc)
+        return []
+    slow = sorted(worker for worker, value in seen.items() if value is True)
+    if slow:
+        log.warning(
+            "%d of %d Dask workers run on AMD Zen 4 with numpy's AVX-512 sort, which counts pairs about half as fast "
+            "as its AVX2 sort there (%s): start them with %s=%r in their environment (docs/scale-out.md)",
+            len(slow),
+            len(seen),
+            ", ".join(slow[:3]) + (", ..." if len(slow) > 3 else ""),
+            VARIABLE,
+            AVX512_FEATURES,
+        )
+    return slow
+
+
 @contextlib.contextmanager
 def dask_client(
     scheduler: str | None = None,
@@ -89,6 +120,7 @@ def dask_client(
         except (OSError, ValueError) as exc:  # unreachable (OSError, TimeoutError) or not an address
             raise PipelineError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from exc
         log.info("connected to Dask scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
+        warn_if_workers_sort_slowly(client)
         try:
             yield client
         finally:
@@ -96,7 +128,8 @@ def dask_client(
         return
     n_workers = n_workers or os.cpu_count() or 1
     # Kept until the cluster closes, for workers the nanny restarts too; and undone if the cluster fails to start.
-    with dask.config.set({**WORKER_MALLOC, **WORKER_ARROW_POOL, **WORKER_PROFILE, **QUIET_EVENT_LOOPS}):
+    settings = {**WORKER_MALLOC, **WORKER_ARROW_POOL, **WORKER_PROFILE, **QUIET_EVENT_LOOPS, **worker_sort()}
+    with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

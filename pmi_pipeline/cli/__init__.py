@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from pmi_pipeline import __version__
 from pmi_pipeline.errors import PipelineError
+from pmi_pipeline.sort_dispatch import use_fast_sort
 
 # (subcommand module, one-line help), in the order a user meets them.
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports numpy, which reads its CPU dispatch once: on AMD Zen 4 its AVX2 sort, 4-5x as fast
+    # as its AVX-512 one there. The Dask workers this process starts inherit it.
+    use_fast_sort()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import pytest
 
 from pmi_pipeline import sort_dispatch
@@ -151,7 +152,8 @@ def test_local_cluster_workers_get_the_setting_on_zen4(monkeypatch, zen4_cpuinfo
         assert set(client.run(os.environ.get, VARIABLE).values()) == {AVX512_FEATURES}
     monkeypatch.delenv(VARIABLE, raising=False)  # Dask's nanny leaves what it gave its workers in os.environ
     monkeypatch.setattr(sort_dispatch, "CPUINFO", zen4_cpuinfo.with_name("missing"))
-    with dask_client(n_workers=1) as client:
+    # Not what a cluster open beside this one (the session's) put in Dask's config for its own workers.
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{VARIABLE}": None}), dask_client(n_workers=1) as client:
         assert set(client.run(os.environ.get, VARIABLE).values()) == {None}
 
 

@@ -192,3 +192,18 @@ def test_a_count_in_a_process_that_sorts_slowly_warns(eurlex_dir):
         check=True,
     )
     assert out.stderr.count("numpy sorts with its AVX-512 kernel on this AMD Zen 4 CPU") == 1
+
+
+def test_the_command_sets_it_before_numpy_is_imported():
+    """``pmi-pipeline`` counts in its own process with ``--no-dask``, and its LocalCluster's workers inherit its
+    environment."""
+    code = (
+        "import json, os, sys; from pmi_pipeline.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps([os.environ.get('NPY_DISABLE_CPU_FEATURES'), 'numpy' in sys.modules]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    value, numpy_imported = json.loads(out.stdout.splitlines()[-1])
+    assert value == (AVX512_FEATURES if _host_is_zen4() else None)
+    assert numpy_imported  # main() imported it, after the setting

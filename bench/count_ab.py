@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import write_result
+from common import sort_dispatch, write_result
 
 CHILD = """
 import contextlib, json, sys, time
@@ -47,7 +47,9 @@ if __name__ == "__main__":
 
 
 def run(library: Path | None, corpus: Path, workers: int, runs: int) -> dict:
-    env = dict(os.environ)
+    # Both libraries with numpy's dispatch as the pmi-pipeline command sets it (AVX2 sort on AMD Zen 4), in the
+    # child and its workers: what differs is the library.
+    env = {**os.environ, **sort_dispatch().sort_environ()}
     env.pop("PYTHONPATH", None)
     if library is not None:
         env["PYTHONPATH"] = str(library)

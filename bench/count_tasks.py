@@ -23,14 +23,17 @@ import time
 from pathlib import Path
 
 import psutil
-from common import StepClock, host_speed, write_result
-from distributed import get_task_stream
+from common import StepClock, host_speed, sort_dispatch, write_result
 
-import pmi_pipeline
-from pmi_pipeline import cooccurrence
-from pmi_pipeline.cooccurrence import count_shards
-from pmi_pipeline.dask_cluster import dask_client
-from pmi_pipeline.shards import discover_shards
+sort_dispatch().use_fast_sort()  # as the pmi-pipeline command does, before numpy is imported
+
+from distributed import get_task_stream  # noqa: E402
+
+import pmi_pipeline  # noqa: E402
+from pmi_pipeline import cooccurrence  # noqa: E402
+from pmi_pipeline.cooccurrence import count_shards  # noqa: E402
+from pmi_pipeline.dask_cluster import dask_client  # noqa: E402
+from pmi_pipeline.shards import discover_shards  # noqa: E402
 
 
 def in_process(paths: list[Path]) -> dict[str, float]:

@@ -16,13 +16,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import best, host_speed, write_result
+from common import best, host_speed, sort_dispatch, write_result
 
-import pmi_pipeline
-from pmi_pipeline.cooccurrence import BATCH_BYTES, count_shards
-from pmi_pipeline.dask_cluster import dask_client
-from pmi_pipeline.shards import discover_shards
-from pmi_pipeline.synth import SynthConfig, write_corpus
+sort_dispatch().use_fast_sort()  # as the pmi-pipeline command does, before numpy is imported
+
+import pmi_pipeline  # noqa: E402
+from pmi_pipeline.cooccurrence import BATCH_BYTES, count_shards  # noqa: E402
+from pmi_pipeline.dask_cluster import dask_client  # noqa: E402
+from pmi_pipeline.shards import discover_shards  # noqa: E402
+from pmi_pipeline.synth import SynthConfig, write_corpus  # noqa: E402
 
 
 def main() -> None:

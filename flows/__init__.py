@@ -13,7 +13,8 @@ By default everything runs on Prefect's ephemeral API (a temporary local server,
 ``PREFECT_API_URL`` to use a real server and see the runs in its UI. Importing this package sets, only where
 they are unset, the Prefect settings measured to be needed on small machines (they must be in the environment
 before Prefect is imported): analytics off, a 90 s start-up timeout for the ephemeral server (the default 20 s
-is too short on two busy cores), and the library's loggers forwarded to the run logs.
+is too short on two busy cores), and the library's loggers forwarded to the run logs. On AMD Zen 4 it also sets
+numpy's CPU dispatch, before numpy is imported (:mod:`pmi_pipeline.sort_dispatch`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from pmi_pipeline.sort_dispatch import use_fast_sort
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -36,6 +39,9 @@ PREFECT_DEFAULTS = {
 }
 for _key, _value in PREFECT_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+# numpy's AVX2 sort on AMD Zen 4, for this process and the Dask workers it starts, as the pmi-pipeline command
+# does (pmi_pipeline.sort_dispatch): only if numpy is not imported yet.
+use_fast_sort()
 
 #: Environment variable naming a Dask scheduler (``tcp://host:8786``); unset: an in-process cluster per run.
 DASK_ADDRESS_ENV = "PMI_DASK_ADDRESS"

@@ -1247,8 +1247,8 @@ def count_shards(
                 progress(done, total)
         fingerprints.release(o[1] for o in outcomes if not isinstance(o, ShardError))
 
+    warn_if_sorting_slowly()  # the count tasks' sorts without a client, the check for repeats' with one
     if client is None:
-        warn_if_sorting_slowly()
         try:
             for batch in batches:
                 counts, outcomes = count_batch(

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import write_result
+from common import sort_dispatch, write_result
 
 CHILD = """
 import sys, time
@@ -43,6 +43,7 @@ def run(corpus: Path, starts: list[int], n: int) -> list[float]:
             stdout=subprocess.PIPE,
             text=True,
             cwd=corpus.resolve(),
+            env={**os.environ, **sort_dispatch().sort_environ()},  # numpy's dispatch as the command sets it
         )
         for s in starts
     ]

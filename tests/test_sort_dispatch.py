@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import dask
 import pytest
@@ -91,6 +92,16 @@ def test_sort_environ_is_empty_where_there_is_no_cpuinfo(tmp_path):
     assert sort_environ({}, tmp_path / "missing") == {}
 
 
+def _fresh_python(code: str, env: dict[str, str] | None = None, *flags: str) -> Any:
+    """What ``code`` prints last, as JSON, run in a fresh interpreter whose environment has ``env`` and no
+    setting of numpy's dispatch beyond it."""
+    base = {k: v for k, v in os.environ.items() if k != VARIABLE}
+    out = subprocess.run(
+        [sys.executable, *flags, "-c", code], env={**base, **(env or {})}, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def _numpy_features(env: dict[str, str]) -> dict[str, bool]:
     """numpy's dispatched x86 features in a fresh interpreter with ``env``; an ImportWarning (a feature name
     this numpy does not know) fails it."""
@@ -98,14 +109,7 @@ def _numpy_features(env: dict[str, str]) -> dict[str, bool]:
         "import json; from numpy._core._multiarray_umath import __cpu_features__ as f, __cpu_dispatch__ as d; "
         "print(json.dumps({k: bool(f.get(k)) for k in d}))"
     )
-    out = subprocess.run(
-        [sys.executable, "-W", "error::ImportWarning", "-c", code],
-        env={**{k: v for k, v in os.environ.items() if k != VARIABLE}, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
+    return _fresh_python(code, env, "-W", "error::ImportWarning")
 
 
 def test_the_setting_leaves_numpy_only_its_avx2_kernels(zen4_cpuinfo):
@@ -126,9 +130,7 @@ def test_use_fast_sort_sets_it_before_numpy_is_imported():
         "done = use_fast_sort(); import numpy; "
         "print(json.dumps([done, os.environ.get('NPY_DISABLE_CPU_FEATURES'), numpy_sorts_slowly()]))"
     )
-    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    done, value, slow = json.loads(out.stdout)
+    done, value, slow = _fresh_python(code)
     assert done is _host_is_zen4()
     assert value == (AVX512_FEATURES if done else None)
     assert slow is False
@@ -202,8 +204,6 @@ def test_the_command_sets_it_before_numpy_is_imported():
         "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
         "print(json.dumps([os.environ.get('NPY_DISABLE_CPU_FEATURES'), 'numpy' in sys.modules]))"
     )
-    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    value, numpy_imported = json.loads(out.stdout.splitlines()[-1])
+    value, numpy_imported = _fresh_python(code)
     assert value == (AVX512_FEATURES if _host_is_zen4() else None)
     assert numpy_imported  # main() imported it, after the setting

@@ -86,7 +86,7 @@ def numpy_sorts_slowly() -> bool:
 @functools.cache
 def warn_if_sorting_slowly() -> bool:
     """Log a warning, once per process, if :func:`numpy_sorts_slowly`: a library user's process that imported
-    numpy before it could be told. Whether it does."""
+    numpy before the setting could be made is told what to set. Returns whether numpy sorts slowly here."""
     slow = numpy_sorts_slowly()
     if slow:
         log.warning(

@@ -57,9 +57,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import TreeMonitor, host_speed
-
-from pmi_pipeline.sort_dispatch import sort_environ
+from common import TreeMonitor, host_speed, sort_dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -105,7 +103,7 @@ def run_phase(name: str, spec: dict[str, Any], work: Path, timeout: float) -> di
     with open(log_path, "w") as log_file:
         # As the pmi-pipeline command runs (sort_dispatch.use_fast_sort): on AMD Zen 4, numpy's AVX2 sort, in every
         # phase, the in-memory baseline's too (it does not sort: 47.9 s without, 47.2 s with, eighteenth pass).
-        env = {**os.environ, **sort_environ(), **PHASE_ENV.get(name, {})}
+        env = {**os.environ, **sort_dispatch().sort_environ(), **PHASE_ENV.get(name, {})}
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         with TreeMonitor(proc.pid) as monitor:
             try:
@@ -822,7 +820,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "pmi_pipeline": pmi_pipeline.__version__,
         "host_speed": host_speed(),  # ratios between our phases and the baseline's move with it (see common.py)
-        "numpy_environ": sort_environ(),  # the phases'; host_speed's np.sort is numpy's default dispatch
+        "numpy_environ": sort_dispatch().sort_environ(),  # the phases'; host_speed sorts with numpy's default
     }
     for mod in ("numpy", "scipy", "pyarrow", "dask", "distributed", "sklearn"):
         with contextlib.suppress(ImportError):
